@@ -1,0 +1,90 @@
+"""Shared pieces of the losses: validation, distance matrices, masked reductions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax import similarity as sim
+
+METRICS = ("euclidean", "squared_euclidean", "cosine")
+
+
+def check_metric(metric: str) -> None:
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+
+
+def check_labels(labels, n: int, name: str = "embeddings") -> None:
+  dtype = getattr(labels, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(
+        f"labels must be an integer array [N], got dtype {dtype} with shape"
+        f" {jnp.shape(labels)}.")
+  if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != n:
+    raise ValueError(
+        f"labels must have shape [N] = [{n}] to match {name}, got shape"
+        f" {jnp.shape(labels)}.")
+
+
+def prepare_embeddings(embeddings, labels):
+  """Validates ``embeddings [N, D]`` and ``labels [N]``; casts to >= float32."""
+  sim.check_matrix("embeddings", embeddings)
+  check_labels(labels, embeddings.shape[0])
+  return embeddings.astype(sim.compute_dtype(embeddings)), labels
+
+
+def prepare_pair(queries, keys):
+  """Validates paired ``queries [N, D]`` and ``keys [N, D]``."""
+  sim.check_matrix("queries", queries)
+  sim.check_matrix("keys", keys)
+  if queries.shape != keys.shape:
+    raise ValueError(
+        "queries and keys must have the same shape [N, D] (key i is the"
+        f" positive of query i), got {queries.shape} and {keys.shape}.")
+  dtype = sim.compute_dtype(queries, keys)
+  return queries.astype(dtype), keys.astype(dtype)
+
+
+def distance_matrix(anchors, candidates, metric: str, self_mask=None):
+  """``[n, N]`` distances; exactly 0 (with zero gradient) on ``self_mask``."""
+  if metric == "cosine":
+    d = 1.0 - cosine_matrix(anchors, candidates)
+    if self_mask is not None:
+      d = jnp.where(self_mask, 0.0, d)
+  else:
+    d = sim.sq_euclidean_matrix(anchors, candidates, self_mask)
+  if metric == "euclidean":
+    d = sim.safe_sqrt(d)
+  return d
+
+
+normalize = sim.safe_normalize
+
+
+def cosine_matrix(anchors, candidates):
+  return normalize(anchors) @ normalize(candidates).T
+
+
+def masked_logsumexp(x, mask, axis: int = -1):
+  """logsumexp of ``x`` over entries where ``mask``; -inf where none.
+
+  Rows with no entry are fed finite dummies so that their (unused) gradient
+  is zero rather than NaN.
+  """
+  has_any = jnp.any(mask, axis=axis)
+  x = jnp.where(mask, x, -jnp.inf)
+  x = jnp.where(jnp.expand_dims(has_any, axis), x, 0.0)
+  return jnp.where(has_any, jax.nn.logsumexp(x, axis=axis), -jnp.inf)
+
+
+def masked_max(x, mask, axis: int = -1):
+  """Max over ``mask``; 0 (zero gradient) where the mask is empty."""
+  has_any = jnp.any(mask, axis=axis)
+  m = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis)
+  return jnp.where(has_any, m, 0.0)
+
+
+def masked_min(x, mask, axis: int = -1):
+  """Min over ``mask``; 0 (zero gradient) where the mask is empty."""
+  return -masked_max(-x, mask, axis=axis)

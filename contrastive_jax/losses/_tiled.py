@@ -1,0 +1,250 @@
+"""Blockwise softmax losses that never hold the [n, C] similarity matrix.
+
+Every softmax loss here has the form
+
+    total = sum_a h(L_a) + sum_{a, j} phi(s_aj, L_a)
+
+where ``s = a @ c.T`` (normalised embeddings, temperature folded into ``a``)
+and ``L_a`` is a masked log-sum-exp of row ``a``. The forward pass streams
+over blocks of candidates twice: an online log-sum-exp for ``L``, then the
+``phi`` sum together with ``W_a = h'(L_a) + sum_j dphi/dL_a``. The backward
+pass recomputes each block and applies
+
+    dtotal/ds_aj = dphi/ds_aj + W_a * softmax_weight_aj,
+
+so memory is O(n * block + C * D) in both directions (``jax.custom_vjp``
+with ``lax.scan`` over blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from contrastive_jax.losses import _collective as col
+from contrastive_jax.losses import _common
+
+
+class _Rows(NamedTuple):
+  labels: jax.Array   # [n]
+  index: jax.Array    # [n] global index of the anchor
+
+
+class _Cols(NamedTuple):
+  labels: jax.Array   # [C]
+  valid: jax.Array    # [C]
+  index: jax.Array    # [C] global index of the candidate (-1: padding)
+
+
+class _Spec(NamedTuple):
+  """Static description of one loss (its functions must be hashable)."""
+  lse_mask: Callable  # (rows, cols) -> [n, b] bool
+  phi: Callable       # (s, L, rows, cols, aux) -> scalar, sum over the block
+  h: Callable         # (L, aux) -> scalar
+  aux: Callable       # (rows, cols) -> [n] additive per-row count
+
+
+def _pad_blocks(c, cols: _Cols, block_size: int):
+  size = c.shape[0]
+  nb = -(-size // block_size)
+  pad = nb * block_size - size
+  c = jnp.pad(c, ((0, pad), (0, 0)))
+  cols = _Cols(jnp.pad(cols.labels, (0, pad), constant_values=-1),
+               jnp.pad(cols.valid, (0, pad), constant_values=False),
+               jnp.pad(cols.index, (0, pad), constant_values=-1))
+  reshape = lambda x: x.reshape((nb, block_size) + x.shape[1:])
+  return reshape(c), jax.tree.map(reshape, cols), size
+
+
+def _softmax_weights(s, L, mask):
+  finite = jnp.isfinite(L)[:, None]
+  safe_l = jnp.where(finite, L[:, None], 0.0)
+  return jnp.where(mask & finite, jnp.exp(jnp.where(mask, s, 0.0) - safe_l),
+                   0.0)
+
+
+def _forward(spec: _Spec, block_size: int, a, c, rows: _Rows, cols: _Cols):
+  cb, colsb, _ = _pad_blocks(c, cols, block_size)
+  n = a.shape[0]
+
+  def lse_step(carry, blk):
+    m, l, aux = carry
+    c_b, cols_b = blk
+    s = a @ c_b.T
+    mask = spec.lse_mask(rows, cols_b)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    l = l * jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe) + jnp.sum(
+        jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - m_safe[:, None]),
+                  0.0), axis=1)
+    return (m_new, l, aux + spec.aux(rows, cols_b)), None
+
+  init = (jnp.full((n,), -jnp.inf, a.dtype), jnp.zeros((n,), a.dtype),
+          jnp.zeros((n,), jnp.int32))
+  (m, l, aux), _ = lax.scan(lse_step, init, (cb, colsb))
+  L = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+  phi_and_grad = jax.value_and_grad(spec.phi, argnums=1)
+
+  def phi_step(carry, blk):
+    total, dl = carry
+    c_b, cols_b = blk
+    value, grad_l = phi_and_grad(a @ c_b.T, L, rows, cols_b, aux)
+    return (total + value, dl + grad_l), None
+
+  (phi_total, dphi_dl), _ = lax.scan(
+      phi_step, (jnp.zeros((), a.dtype), jnp.zeros((n,), a.dtype)),
+      (cb, colsb))
+  h_value, dh_dl = jax.value_and_grad(spec.h)(L, aux)
+  total = h_value + phi_total
+  w = jnp.where(jnp.isfinite(L), dh_dl + dphi_dl, 0.0)
+  return total, aux, (L, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tiled_sum(spec, block_size, a, c, rows, cols):
+  total, aux, _ = _forward(spec, block_size, a, c, rows, cols)
+  return total, aux
+
+
+def _tiled_sum_fwd(spec, block_size, a, c, rows, cols):
+  total, aux, (L, w) = _forward(spec, block_size, a, c, rows, cols)
+  return (total, aux), (a, c, rows, cols, aux, L, w)
+
+
+def _tiled_sum_bwd(spec, block_size, residuals, cts):
+  a, c, rows, cols, aux, L, w = residuals
+  ct = cts[0]
+  cb, colsb, size = _pad_blocks(c, cols, block_size)
+  dphi_ds = jax.grad(spec.phi, argnums=0)
+
+  def step(da, blk):
+    c_b, cols_b = blk
+    s = a @ c_b.T
+    ds = dphi_ds(s, L, rows, cols_b, aux) + w[:, None] * _softmax_weights(
+        s, L, spec.lse_mask(rows, cols_b))
+    ds = ds * ct
+    return da + ds @ c_b, ds.T @ a
+
+  da, dcb = lax.scan(step, jnp.zeros_like(a), (cb, colsb))
+  dc = dcb.reshape((-1, c.shape[1]))[:size]
+  zeros = lambda t: jax.tree.map(lambda x: None, t)
+  return da, dc, zeros(rows), zeros(cols)
+
+
+_tiled_sum.defvjp(_tiled_sum_fwd, _tiled_sum_bwd)
+
+
+# ----------------------------------------------------------------------------
+# The losses as (lse_mask, phi, h, aux).
+
+
+def _is_self(rows, cols):
+  return rows.index[:, None] == cols.index[None, :]
+
+
+def _positive(rows, cols):
+  return ((rows.labels[:, None] == cols.labels[None, :]) & ~_is_self(rows, cols)
+          & cols.valid[None, :])
+
+
+def _negative(rows, cols):
+  return (rows.labels[:, None] != cols.labels[None, :]) & cols.valid[None, :]
+
+
+def _count_positives(rows, cols):
+  return jnp.sum(_positive(rows, cols), axis=1, dtype=jnp.int32)
+
+
+def _nt_xent_phi(s, L, rows, cols, aux):
+  del aux
+  return jnp.sum(jnp.where(_positive(rows, cols),
+                           jax.nn.softplus(L[:, None] - s), 0.0))
+
+
+def _zero_h(L, aux):
+  del aux
+  return jnp.zeros((), L.dtype)
+
+
+_NT_XENT = _Spec(_negative, _nt_xent_phi, _zero_h, _count_positives)
+
+
+def _not_self(rows, cols):
+  return ~_is_self(rows, cols) & cols.valid[None, :]
+
+
+def _supcon_phi(s, L, rows, cols, aux):
+  del L
+  scale = 1.0 / jnp.maximum(aux, 1).astype(s.dtype)
+  return -jnp.sum(jnp.where(_positive(rows, cols), s, 0.0) * scale[:, None])
+
+
+def _supcon_h(L, aux):
+  return jnp.sum(jnp.where(aux > 0, L, 0.0))
+
+
+_SUPCON = _Spec(_not_self, _supcon_phi, _supcon_h, _count_positives)
+
+
+def _valid(rows, cols):
+  return jnp.broadcast_to(cols.valid[None, :],
+                          (rows.index.shape[0], cols.valid.shape[0]))
+
+
+def _info_nce_phi(s, L, rows, cols, aux):
+  del L, aux
+  return -jnp.sum(jnp.where(_is_self(rows, cols), s, 0.0))
+
+
+def _info_nce_h(L, aux):
+  del aux
+  return jnp.sum(L)
+
+
+def _no_aux(rows, cols):
+  del cols
+  return jnp.zeros(rows.index.shape, jnp.int32)
+
+
+_INFO_NCE = _Spec(_valid, _info_nce_phi, _info_nce_h, _no_aux)
+
+
+def _from_candidates(c: col.Candidates, inv_temp):
+  # The temperature is folded into the anchors so that it may be traced
+  # (learnable) without being an argument of the custom_vjp.
+  a = _common.normalize(c.anchors) * inv_temp
+  cand = _common.normalize(c.embeddings)
+  rows = _Rows(c.anchor_labels, c.anchor_index.astype(jnp.int32))
+  cols = _Cols(c.labels, c.valid, jnp.arange(cand.shape[0], dtype=jnp.int32))
+  return a, cand, rows, cols
+
+
+def nt_xent_sums(c: col.Candidates, inv_temp, block_size: int):
+  """(sum of pair losses, number of positive pairs) over local anchors."""
+  a, cand, rows, cols = _from_candidates(c, inv_temp)
+  total, n_pos = _tiled_sum(_NT_XENT, block_size, a, cand, rows, cols)
+  return total, jnp.sum(n_pos)
+
+
+def supcon_sums(c: col.Candidates, inv_temp, block_size: int):
+  """(sum of anchor losses, number of anchors with a positive)."""
+  a, cand, rows, cols = _from_candidates(c, inv_temp)
+  total, n_pos = _tiled_sum(_SUPCON, block_size, a, cand, rows, cols)
+  return total, jnp.sum(n_pos > 0)
+
+
+def info_nce_sum(queries, candidates, targets, inv_temp, block_size: int):
+  """Sum over queries of the cross-entropy to candidate ``targets[i]``."""
+  a = _common.normalize(queries) * inv_temp
+  cand = _common.normalize(candidates)
+  rows = _Rows(jnp.zeros(a.shape[0], jnp.int32), targets.astype(jnp.int32))
+  cols = _Cols(jnp.zeros(cand.shape[0], jnp.int32),
+               jnp.ones(cand.shape[0], bool),
+               jnp.arange(cand.shape[0], dtype=jnp.int32))
+  total, _ = _tiled_sum(_INFO_NCE, block_size, a, cand, rows, cols)
+  return total

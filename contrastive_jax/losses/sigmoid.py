@@ -1,0 +1,54 @@
+"""Sigmoid pairwise loss (SigLIP)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax.losses import _collective as col
+from contrastive_jax.losses import _common
+
+__all__ = ["sigmoid_contrastive_loss"]
+
+
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def sigmoid_contrastive_loss(queries: jax.Array, keys: jax.Array, *,
+                             scale: float = 10.0, bias: float = -10.0,
+                             axis_name: str | None = None) -> jax.Array:
+  """SigLIP loss: an independent binary decision for every (query, key) pair.
+
+  Logits ``scale * cos(q_i, k_j) + bias``; each query costs
+  ``sum_j -log sigmoid(z_ij * logit_ij)`` with ``z = +1`` for its own key and
+  ``-1`` for every other key; mean over queries. ``scale`` and ``bias`` may be
+  traced (learnable: SigLIP learns ``log scale`` and ``bias``).
+
+  Examples:
+    >>> q = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> sigmoid_contrastive_loss(q, q).shape
+    ()
+
+  Args:
+    queries: ``[N, D]``.
+    keys: ``[N, D]``; key i is the positive of query i.
+    scale: logit scale (``t`` in the paper).
+    bias: logit bias (``b``).
+    axis_name: mapped axis along which to gather keys from all devices.
+
+  Returns:
+    Scalar loss, float32 (float64 for float64 inputs).
+
+  References:
+    Zhai et al., Sigmoid Loss for Language Image Pre-Training, ICCV 2023.
+  """
+  queries, keys = _common.prepare_pair(queries, keys)
+  col.check_axis_name(axis_name)
+  n = queries.shape[0]
+  all_keys = col.all_gather(keys, axis_name)
+  logits = scale * _common.cosine_matrix(queries, all_keys) + bias
+  own = (col.anchor_indices(n, axis_name)[:, None]
+         == jnp.arange(all_keys.shape[0])[None, :])
+  z = jnp.where(own, 1.0, -1.0).astype(logits.dtype)
+  total = jnp.sum(jax.nn.softplus(-z * logits))
+  return col.global_mean(total, n, axis_name)

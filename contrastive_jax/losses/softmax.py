@@ -1,0 +1,201 @@
+"""Softmax (InfoNCE-family) losses: NT-Xent, supervised contrastive, InfoNCE."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from contrastive_jax import similarity as sim
+from contrastive_jax.losses import _collective as col
+from contrastive_jax.losses import _common
+from contrastive_jax.losses import _tiled
+
+__all__ = ["nt_xent_loss", "supervised_contrastive_loss", "info_nce_loss"]
+
+_STATIC = ("axis_name", "block_size")
+
+
+def _check_block_size(block_size):
+  if block_size is not None and (not isinstance(block_size, int)
+                                 or block_size <= 0):
+    raise ValueError(f"block_size must be a positive int or None, got"
+                     f" {block_size!r}.")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
+                 temperature: float = 0.1, axis_name: str | None = None,
+                 block_size: int | None = None, memory=None) -> jax.Array:
+  """NT-Xent: softmax of each positive against the anchor's negatives.
+
+  With cosine similarities ``s`` divided by ``temperature``, every positive
+  pair (a, p) costs ``-log(e^{s_ap} / (e^{s_ap} + sum_{n neg of a} e^{s_an}))``
+  (other positives are not in the denominator); the loss is the mean over
+  positive pairs. SimCLR is the case ``labels = [0..B-1, 0..B-1]``; this is
+  pytorch-metric-learning's ``NTXentLoss`` and optax's ``ntxent``.
+
+  Examples:
+    >>> key = jax.random.key(0)
+    >>> views = jax.random.normal(key, (8, 16))
+    >>> labels = jnp.concatenate([jnp.arange(4), jnp.arange(4)])
+    >>> nt_xent_loss(views, labels, temperature=0.5).shape
+    ()
+
+  Args:
+    embeddings: ``[N, D]`` float embeddings (normalised internally).
+    labels: ``[N]`` integer labels; equal labels are positives.
+    temperature: softmax temperature.
+    axis_name: mapped axis along which to gather candidates from all devices;
+      every device then returns the loss of the global batch.
+    block_size: if set, similarities are computed ``block_size`` candidates at
+      a time with a streaming log-sum-exp, and recomputed in the backward
+      pass: memory ``O(N * block_size)`` instead of ``O(N^2)``.
+    memory: optional :class:`CrossBatchMemory` of extra candidates.
+
+  Returns:
+    Scalar loss, float32 (float64 for float64 inputs); 0 when the batch has no
+    positive pair.
+
+  References:
+    Chen et al., A Simple Framework for Contrastive Learning of Visual
+    Representations, ICML 2020.
+  """
+  _check_block_size(block_size)
+  embeddings, labels = _common.prepare_embeddings(embeddings, labels)
+  c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
+                              memory=memory)
+  if block_size is not None:
+    total, count = _tiled.nt_xent_sums(c, 1.0 / temperature, block_size)
+    return col.global_mean(total, count, axis_name)
+  s = _common.cosine_matrix(c.anchors, c.embeddings) / temperature
+  pos = c.positive_mask()
+  neg_lse = _common.masked_logsumexp(s, c.negative_mask())
+  losses = jnp.where(pos, jax.nn.softplus(neg_lse[:, None] - s), 0.0)
+  return col.global_mean(jnp.sum(losses), jnp.sum(pos), axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
+                                temperature: float = 0.1,
+                                axis_name: str | None = None,
+                                block_size: int | None = None,
+                                memory=None) -> jax.Array:
+  """Supervised contrastive loss (SupCon's L_out).
+
+  Per anchor a with at least one positive:
+  ``-mean_{p} log(e^{s_ap} / sum_{k != a} e^{s_ak})`` with cosine similarities
+  divided by ``temperature``; mean over those anchors. Matches
+  pytorch-metric-learning's ``SupConLoss``.
+
+  Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (6, 8))
+    >>> supervised_contrastive_loss(x, jnp.array([0, 0, 1, 1, 2, 2])).shape
+    ()
+
+  Args:
+    embeddings: ``[N, D]`` float embeddings (normalised internally).
+    labels: ``[N]`` integer labels; equal labels are positives.
+    temperature: softmax temperature.
+    axis_name: mapped axis along which to gather candidates from all devices.
+    block_size: tile size for the memory-efficient path (see
+      :func:`nt_xent_loss`).
+    memory: optional :class:`CrossBatchMemory` of extra candidates.
+
+  Returns:
+    Scalar loss, float32 (float64 for float64 inputs); 0 when no anchor has a
+    positive.
+
+  References:
+    Khosla et al., Supervised Contrastive Learning, NeurIPS 2020.
+  """
+  _check_block_size(block_size)
+  embeddings, labels = _common.prepare_embeddings(embeddings, labels)
+  c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
+                              memory=memory)
+  if block_size is not None:
+    total, count = _tiled.supcon_sums(c, 1.0 / temperature, block_size)
+    return col.global_mean(total, count, axis_name)
+  s = _common.cosine_matrix(c.anchors, c.embeddings) / temperature
+  pos = c.positive_mask()
+  n_pos = jnp.sum(pos, axis=1)
+  lse = _common.masked_logsumexp(s, ~c.is_self() & c.valid[None, :])
+  # -mean_p (s_ap - lse_a) = lse_a - mean_p s_ap
+  losses = lse - jnp.sum(jnp.where(pos, s, 0.0), axis=1) / jnp.maximum(n_pos, 1)
+  has_pos = n_pos > 0
+  losses = jnp.where(has_pos, losses, 0.0)
+  return col.global_mean(jnp.sum(losses), jnp.sum(has_pos), axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("symmetric",) + _STATIC)
+def info_nce_loss(queries: jax.Array, keys: jax.Array, *,
+                  temperature: float = 0.1,
+                  negatives: jax.Array | None = None, symmetric: bool = False,
+                  axis_name: str | None = None,
+                  block_size: int | None = None) -> jax.Array:
+  """InfoNCE: cross-entropy of each query over all keys, key i being positive.
+
+  Logits are cosine similarities divided by ``temperature`` of query i against
+  every key of the (global) batch and the optional extra ``negatives``;
+  the loss is ``softmax_cross_entropy`` to index i, averaged over queries.
+  ``symmetric=True`` averages with the keys-to-queries direction (CLIP), which
+  uses the batch only.
+
+  Examples:
+    >>> q = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> info_nce_loss(q, q + 0.01, temperature=0.1).shape
+    ()
+
+  Args:
+    queries: ``[N, D]``.
+    keys: ``[N, D]``; key i is the positive of query i.
+    temperature: softmax temperature.
+    negatives: optional ``[M, D]`` extra negatives for every query (a MoCo
+      queue or memory bank); no gradient is stopped here, so pass
+      ``jax.lax.stop_gradient(queue)`` for a queue.
+    symmetric: also compute keys -> queries and average both directions.
+    axis_name: mapped axis along which to gather keys (and queries, when
+      symmetric) from all devices. ``negatives`` are used as given.
+    block_size: tile size for the memory-efficient path (see
+      :func:`nt_xent_loss`).
+
+  Returns:
+    Scalar loss, float32 (float64 for float64 inputs).
+
+  References:
+    van den Oord et al., Representation Learning with Contrastive Predictive
+    Coding, 2018. Radford et al., Learning Transferable Visual Models From
+    Natural Language Supervision, ICML 2021.
+  """
+  _check_block_size(block_size)
+  queries, keys = _common.prepare_pair(queries, keys)
+  if negatives is not None:
+    sim.check_matrix("negatives", negatives)
+    sim.check_same_features("queries", queries, "negatives", negatives)
+    negatives = negatives.astype(queries.dtype)
+  col.check_axis_name(axis_name)
+  loss = _info_nce_direction(queries, keys, negatives, 1.0 / temperature,
+                             axis_name, block_size)
+  if symmetric:
+    loss = 0.5 * (loss + _info_nce_direction(
+        keys, queries, None, 1.0 / temperature, axis_name, block_size))
+  return loss
+
+
+def _info_nce_direction(queries, keys, negatives, inv_temp, axis_name,
+                        block_size):
+  n = queries.shape[0]
+  targets = col.anchor_indices(n, axis_name)
+  candidates = col.all_gather(keys, axis_name)
+  if negatives is not None:
+    candidates = jnp.concatenate([candidates, negatives], axis=0)
+  if block_size is not None:
+    total = _tiled.info_nce_sum(queries, candidates, targets, inv_temp,
+                                block_size)
+  else:
+    logits = _common.cosine_matrix(queries, candidates) * inv_temp
+    total = jnp.sum(optax.losses.softmax_cross_entropy_with_integer_labels(
+        logits, targets))
+  return col.global_mean(total, n, axis_name)

@@ -1,0 +1,36 @@
+"""Encoders and heads (flax.linen) for contrastive and metric learning.
+
+Every module takes ``dtype`` (computation) and ``param_dtype`` (kept float32),
+and is called as ``module.apply(variables, x, train=...)``; modules with
+BatchNorm take ``axis_name`` so statistics can be synchronised across devices.
+"""
+
+from contrastive_jax.models.autoencoder import ConvAutoencoder, reconstruction_loss
+from contrastive_jax.models.cnn import SmallCNN
+from contrastive_jax.models.heads import ClassifierHead, HashHead, ProjectionHead, hash_scale
+from contrastive_jax.models.mlp import MLP
+from contrastive_jax.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+)
+
+__all__ = [
+    "MLP",
+    "SmallCNN",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "BasicBlock",
+    "Bottleneck",
+    "ConvAutoencoder",
+    "reconstruction_loss",
+    "ProjectionHead",
+    "ClassifierHead",
+    "HashHead",
+    "hash_scale",
+]

@@ -1,0 +1,264 @@
+"""Tests for contrastive_jax.models: shapes, parameter counts, BatchNorm modes, dtypes, hashing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive_jax import models
+from contrastive_jax.models import (
+    MLP,
+    BasicBlock,
+    Bottleneck,
+    ClassifierHead,
+    ConvAutoencoder,
+    HashHead,
+    ProjectionHead,
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    SmallCNN,
+    hash_scale,
+    reconstruction_loss,
+)
+
+CIFAR = (2, 32, 32, 3)
+DIGITS = (2, 8, 8, 1)
+
+
+def _shapes(model, shape, **kwargs):
+    """(variables, output) shape trees via eval_shape: nothing is computed or compiled."""
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, **kwargs), variables, x)
+    return variables, out
+
+
+def _num_params(variables):
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+def _tiny_resnet(**kwargs):
+    # Two stages, width 4: exercises stem, blocks, shortcut and pooling cheaply.
+    return ResNet(stage_sizes=(1, 1), num_filters=4, **kwargs)
+
+
+def _images(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def test_all_exports_resolve():
+    for name in models.__all__:
+        assert hasattr(models, name), name
+
+
+@pytest.mark.parametrize("shape", [CIFAR, DIGITS, (2, 10)])
+def test_mlp_shapes(shape):
+    model = MLP.small(output_dim=16)
+    assert tuple(model.hidden_dims) == (128, 64)
+    variables, out = _shapes(model, shape)
+    assert out.shape == (2, 16)
+    assert variables["params"]["hidden_0"]["kernel"].shape[1] == 128
+    assert variables["params"]["hidden_1"]["kernel"].shape[1] == 64
+
+
+@pytest.mark.parametrize("shape,pooling,fan_in", [
+    (CIFAR, "flatten", 8 * 8 * 128),  # the design documents' 8x8x128 map
+    (DIGITS, "flatten", 2 * 2 * 128),
+    (CIFAR, "global", 128),
+    (DIGITS, "global", 128),
+])
+def test_small_cnn_shapes(shape, pooling, fan_in):
+    variables, out = _shapes(SmallCNN(embedding_dim=32, pooling=pooling), shape)
+    assert out.shape == (2, 32)
+    assert variables["params"]["embedding"]["kernel"].shape == (fan_in, 32)
+
+
+def test_small_cnn_rejects_unknown_pooling():
+    with pytest.raises(ValueError, match="pooling"):
+        _shapes(SmallCNN(pooling="avg"), DIGITS)
+
+
+@pytest.mark.parametrize("cls,dim", [(ResNet18, 512), (ResNet34, 512), (ResNet50, 2048)])
+def test_resnet_output_shapes(cls, dim):
+    model = cls()
+    assert model.feature_dim == dim
+    for shape in (CIFAR, DIGITS):
+        variables, out = _shapes(model, shape)
+        assert out.shape == (2, dim)
+    assert variables["params"]["stem_conv"]["kernel"].shape == (3, 3, 1, 64)  # CIFAR stem
+
+
+@pytest.mark.parametrize("cls,low,high", [
+    (ResNet18, 11.1e6, 11.25e6),  # 11,168,832
+    (ResNet34, 21.2e6, 21.35e6),  # 21,276,992
+    (ResNet50, 23.4e6, 23.6e6),  # 23,500,352
+])
+def test_resnet_param_counts(cls, low, high):
+    variables, _ = _shapes(cls(), CIFAR)
+    assert low <= _num_params(variables) <= high
+
+
+def test_resnet_imagenet_stem_shapes():
+    variables, out = _shapes(ResNet18(stem="imagenet"), (1, 64, 64, 3))
+    assert out.shape == (1, 512)
+    assert variables["params"]["stem_conv"]["kernel"].shape == (7, 7, 3, 64)
+
+
+def test_resnet_block_types():
+    variables, _ = _shapes(ResNet50(), CIFAR)
+    block = variables["params"]["stage1_block1"]
+    assert block["conv3"]["kernel"].shape == (1, 1, 64, 256)
+    assert Bottleneck.expansion == 4 and BasicBlock.expansion == 1
+
+
+@pytest.mark.parametrize("block_cls", [BasicBlock, Bottleneck])
+def test_batchnorm_train_vs_eval(block_cls):
+    model = _tiny_resnet(block_cls=block_cls)
+    x = _images((4, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    eval_out = model.apply(variables, x, train=False)
+    train_out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert train_out.shape == eval_out.shape == (4, model.feature_dim)
+    # Fresh running stats (mean 0, var 1) differ from the batch's statistics.
+    assert not np.allclose(train_out, eval_out, atol=1e-4)
+    old = jax.tree.leaves(variables["batch_stats"])
+    new = jax.tree.leaves(updates["batch_stats"])
+    assert len(old) == len(new) > 0
+    assert any(not np.allclose(a, b) for a, b in zip(old, new))
+    # Eval mode must not ask for a mutable collection.
+    model.apply({**variables, **updates}, x, train=False)
+
+
+def test_zero_init_residual():
+    variables, _ = _shapes(_tiny_resnet(zero_init_residual=True), DIGITS)
+    assert "norm2" in variables["params"]["stage1_block1"]
+    real = _tiny_resnet(zero_init_residual=True).init(jax.random.key(0), _images(DIGITS))
+    np.testing.assert_array_equal(real["params"]["stage1_block1"]["norm2"]["scale"], 0.0)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda dt: _tiny_resnet(block_cls=Bottleneck, dtype=dt), (2, 8, 8, 3)),
+    (lambda dt: SmallCNN(embedding_dim=16, features=(8, 16), dtype=dt), DIGITS),
+    (lambda dt: ProjectionHead(hidden_dim=16, output_dim=8, dtype=dt), (4, 12)),
+])
+def test_bfloat16_matches_float32(make, shape):
+    x = _images(shape)
+    f32, bf16 = make(jnp.float32), make(jnp.bfloat16)
+    variables = bf16.init(jax.random.key(0), x)
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.dtype == jnp.float32
+    ref = f32.apply(variables, x, train=False)
+    out = bf16.apply(variables, x, train=False)
+    assert out.dtype == jnp.bfloat16 and ref.dtype == jnp.float32
+    rel = jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+    assert rel < 3e-2, rel
+
+
+def _sync_models():
+    return [
+        lambda axis: ProjectionHead(hidden_dim=8, output_dim=4, final_bn=True, axis_name=axis),
+        lambda axis: _tiny_resnet(axis_name=axis),
+    ]
+
+
+@pytest.mark.parametrize("make", _sync_models(), ids=["projection_head", "resnet"])
+def test_batchnorm_axis_name_synchronises_stats(make):
+    num_shards, per_shard = 2, 3
+    shape = (12,) if make is _sync_models()[0] else (6, 6, 3)
+    x = _images((num_shards * per_shard, *shape)) + 1.0
+    model, synced = make(None), make("batch")
+    variables = model.init(jax.random.key(0), x)
+
+    full_out, full_stats = model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    def shard_step(xs):
+        return synced.apply(variables, xs, train=True, mutable=["batch_stats"])
+
+    shards = x.reshape((num_shards, per_shard, *shape))
+    out, stats = jax.vmap(shard_step, axis_name="batch")(shards)
+    np.testing.assert_allclose(out.reshape(full_out.shape), full_out, rtol=1e-4, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(full_stats)):
+        # Every shard ends up with the global-batch statistics.
+        np.testing.assert_allclose(got, jnp.broadcast_to(want, got.shape), rtol=1e-4, atol=1e-5)
+
+    # Without the axis each shard only sees its own 3 examples.
+    _, local = jax.vmap(lambda xs: model.apply(variables, xs, train=True,
+                                               mutable=["batch_stats"]))(shards)
+    assert any(not np.allclose(a[0], b, atol=1e-5)
+               for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(full_stats)))
+
+
+@pytest.mark.parametrize("num_layers,final_bn", [(1, False), (2, False), (3, True)])
+def test_projection_head(num_layers, final_bn):
+    head = ProjectionHead(hidden_dim=32, output_dim=8, num_layers=num_layers, final_bn=final_bn)
+    variables, out = _shapes(head, (2, 16))
+    assert out.shape == (2, 8)
+    dense = [k for k in variables["params"] if k.startswith("hidden_") or k == "output"]
+    assert len(dense) == num_layers
+    assert ("batch_stats" in variables) == (num_layers > 1 or final_bn)
+
+
+def test_classifier_head():
+    variables, out = _shapes(ClassifierHead(num_classes=10), (2, 512))
+    assert out.shape == (2, 10)
+    assert variables["params"]["logits"]["kernel"].shape == (512, 10)
+
+
+def test_hash_head_train_and_eval():
+    head = HashHead(num_bits=16)
+    # Moderate pre-activations: in float32 tanh rounds to exactly +-1 beyond ~9.
+    x = 0.1 * _images((5, 12))
+    variables = head.init(jax.random.key(0), x)
+    scale = hash_scale(1000)
+    relaxed = head.apply(variables, x, scale=scale, train=True)
+    assert relaxed.shape == (5, 16)
+    assert jnp.all(jnp.abs(relaxed) < 1.0)
+    codes = head.apply(variables, x, train=False)
+    assert set(np.unique(np.asarray(codes)).tolist()) <= {-1.0, 1.0}
+    # A large scale makes the relaxation agree with the binary codes.
+    np.testing.assert_array_equal(jnp.sign(head.apply(variables, x, scale=1e4, train=True)), codes)
+    # +-1 codes give Hamming distance (K - <b1, b2>) / 2.
+    hamming = (16 - codes @ codes.T) / 2
+    bits = np.asarray(codes) > 0
+    expected = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+    np.testing.assert_array_equal(hamming, expected)
+
+
+def test_hash_head_zero_maps_to_plus_one():
+    head = HashHead(num_bits=4)
+    variables = jax.tree.map(jnp.zeros_like, head.init(jax.random.key(0), jnp.ones((1, 3))))
+    np.testing.assert_array_equal(head.apply(variables, jnp.ones((1, 3))), 1.0)
+
+
+def test_hash_scale_schedule():
+    assert float(hash_scale(0)) == 1.0
+    np.testing.assert_allclose(hash_scale(200, initial=2.0, growth=0.005), 2.0 * 2.0**0.5)
+    assert float(hash_scale(1000)) > float(hash_scale(100)) > 1.0
+    # Staircase: constant within a window of `every` steps.
+    assert float(hash_scale(199, every=200)) == 1.0
+    np.testing.assert_allclose(jax.jit(hash_scale)(jnp.asarray(200)), 2.0**0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [CIFAR, DIGITS])
+def test_autoencoder(shape):
+    model = ConvAutoencoder(image_shape=shape[1:], embedding_dim=16, features=(4, 8))
+    x = _images(shape)
+    variables = model.init(jax.random.key(0), x)
+    z, recon = model.apply(variables, x)
+    assert z.shape == (2, 16) and recon.shape == shape
+    np.testing.assert_allclose(model.apply(variables, x, method="encode"), z, rtol=1e-6)
+    np.testing.assert_allclose(model.apply(variables, z, method=ConvAutoencoder.decode), recon,
+                               rtol=1e-6)
+    loss = reconstruction_loss(recon, x)
+    assert loss.shape == () and loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, jnp.mean((recon - x) ** 2), rtol=1e-6)
+    assert float(reconstruction_loss(x, x)) == 0.0
+
+
+def test_autoencoder_rejects_indivisible_shape():
+    with pytest.raises(ValueError, match="divisible"):
+        _shapes(ConvAutoencoder(image_shape=(6, 6, 1)), (2, 6, 6, 1))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        reconstruction_loss(jnp.zeros((2, 4)), jnp.zeros((2, 5)))
