@@ -69,7 +69,6 @@ def _softmax_weights(s, L, mask):
 
 def _forward(spec: _Spec, block_size: int, a, c, rows: _Rows, cols: _Cols):
   cb, colsb, _ = _pad_blocks(c, cols, block_size)
-  n = a.shape[0]
 
   def lse_step(carry, blk):
     m, l, aux = carry
@@ -83,8 +82,11 @@ def _forward(spec: _Spec, block_size: int, a, c, rows: _Rows, cols: _Cols):
                   0.0), axis=1)
     return (m_new, l, aux + spec.aux(rows, cols_b)), None
 
-  init = (jnp.full((n,), -jnp.inf, a.dtype), jnp.zeros((n,), a.dtype),
-          jnp.zeros((n,), jnp.int32))
+  # *_like(a) keeps a's device-varying type inside shard_map, which scan
+  # requires of its carry.
+  row = a[:, 0]
+  init = (jnp.full_like(row, -jnp.inf), jnp.zeros_like(row),
+          jnp.zeros_like(row, dtype=jnp.int32))
   (m, l, aux), _ = lax.scan(lse_step, init, (cb, colsb))
   L = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
@@ -97,8 +99,7 @@ def _forward(spec: _Spec, block_size: int, a, c, rows: _Rows, cols: _Cols):
     return (total + value, dl + grad_l), None
 
   (phi_total, dphi_dl), _ = lax.scan(
-      phi_step, (jnp.zeros((), a.dtype), jnp.zeros((n,), a.dtype)),
-      (cb, colsb))
+      phi_step, (jnp.zeros_like(row[0]), jnp.zeros_like(row)), (cb, colsb))
   h_value, dh_dl = jax.value_and_grad(spec.h)(L, aux)
   total = h_value + phi_total
   w = jnp.where(jnp.isfinite(L), dh_dl + dphi_dl, 0.0)

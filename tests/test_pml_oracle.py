@@ -1,0 +1,60 @@
+"""Equality with pytorch-metric-learning (optional: skipped without torch).
+
+Install the oracle with ``pip install -e .[bench]`` (torch CPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive_jax import losses
+
+torch = pytest.importorskip("torch")
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+
+
+def _lp():
+  return pml_distances.LpDistance(normalize_embeddings=False, p=2, power=1)
+
+
+CASES = {
+    "batch_all": (lambda: pml_losses.TripletMarginLoss(margin=0.7,
+                                                        distance=_lp()),
+                  lambda x, y: losses.batch_all_triplet_loss(x, y,
+                                                             margin=0.7)),
+    "contrastive": (
+        lambda: pml_losses.ContrastiveLoss(pos_margin=0.3, neg_margin=2.5,
+                                           distance=_lp()),
+        lambda x, y: losses.contrastive_loss(x, y, pos_margin=0.3,
+                                             neg_margin=2.5)),
+    "nt_xent": (lambda: pml_losses.NTXentLoss(temperature=0.2),
+                lambda x, y: losses.nt_xent_loss(x, y, temperature=0.2)),
+    "supcon": (lambda: pml_losses.SupConLoss(temperature=0.2),
+               lambda x, y: losses.supervised_contrastive_loss(
+                   x, y, temperature=0.2)),
+    "multi_similarity": (
+        lambda: pml_losses.MultiSimilarityLoss(alpha=2.0, beta=10.0, base=0.3),
+        lambda x, y: losses.multi_similarity_loss(x, y, alpha=2.0, beta=10.0,
+                                                  base=0.3)),
+    "circle": (lambda: pml_losses.CircleLoss(m=0.25, gamma=8.0),
+               lambda x, y: losses.circle_loss(x, y, m=0.25, gamma=8.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_value_and_gradient_equal_pml(name):
+  make_pml, ours = CASES[name]
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    x = rng.normal(size=(16, 8))
+    labels = rng.integers(0, 4, size=16)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    expected = make_pml()(xt, torch.tensor(labels))
+    expected.backward()
+    with jax.enable_x64(True):
+      value, grad = jax.value_and_grad(ours)(jnp.asarray(x),
+                                             jnp.asarray(labels))
+    np.testing.assert_allclose(value, expected.item(), rtol=1e-6)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-8)
