@@ -35,11 +35,17 @@ def axis_size(axis_name) -> int:
   return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-def all_gather(x, axis_name):
-  """Concatenates ``x [n, ...]`` of every device into ``[n * devices, ...]``."""
+def all_gather(x, axis_name, *, invariant: bool = False):
+  """Concatenates ``x [n, ...]`` of every device into ``[n * devices, ...]``.
+
+  ``invariant=True`` marks the result as identical on every device (needed by
+  ``shard_map`` to return it with a replicated ``out_specs=P()``); the
+  default keeps it device-varying, which is what a loss differentiates.
+  """
   if axis_name is None:
     return x
-  return lax.all_gather(x, axis_name, tiled=True)
+  return lax.all_gather(x, axis_name, tiled=True,
+                        to="invarying" if invariant else "varying")
 
 
 def anchor_indices(n: int, axis_name):

@@ -82,8 +82,9 @@ def enqueue_memory(memory: CrossBatchMemory, embeddings: jax.Array,
   sim.check_same_features("memory.embeddings", memory.embeddings,
                           "embeddings", embeddings)
   _collective.check_axis_name(axis_name)
-  embeddings = _collective.all_gather(lax.stop_gradient(embeddings), axis_name)
-  labels = _collective.all_gather(labels, axis_name)
+  embeddings = _collective.all_gather(lax.stop_gradient(embeddings), axis_name,
+                                      invariant=True)
+  labels = _collective.all_gather(labels, axis_name, invariant=True)
   size = memory.embeddings.shape[0]
   if embeddings.shape[0] > size:
     embeddings, labels = embeddings[-size:], labels[-size:]

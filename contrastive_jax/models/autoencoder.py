@@ -69,6 +69,11 @@ class ConvAutoencoder(nn.Module):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Images ``(batch, *image_shape)`` -> embeddings ``(batch, embedding_dim)``."""
+        # Fail loudly: other sizes would still encode, but the decoder could not
+        # reproduce them, and the loss would then compare mismatched shapes.
+        if tuple(x.shape[1:]) != tuple(self.image_shape):
+            raise ValueError(f"input shape {x.shape[1:]} does not match image_shape "
+                             f"{tuple(self.image_shape)}")
         x = jnp.asarray(x, self.dtype)
         for conv in self.enc_convs:
             x = nn.relu(conv(x))
