@@ -149,3 +149,22 @@ def test_axis_name_outside_a_mapped_context_is_refused():
     losses.nt_xent_loss(x, labels, axis_name="data")
   with pytest.raises(ValueError, match="not bound"):
     losses.info_nce_loss(x, x, axis_name="data")
+
+
+def test_tiled_losses_across_devices_use_a_ring_not_a_gather():
+  x, labels = _data(), jnp.asarray(LAYOUTS["mixed"])
+
+  def hlo(fn, *args):
+    sharded = jax.shard_map(functools.partial(fn, axis_name="data"),
+                            mesh=_mesh(), in_specs=(P("data"), P("data")),
+                            out_specs=P())
+    return jax.jit(jax.value_and_grad(sharded)).lower(*args).as_text()
+
+  for name in ("nt_xent_tiled", "supcon_tiled"):
+    text = hlo(IN_BATCH[name], x, labels)
+    assert "collective_permute" in text, name
+    assert "all_gather" not in text, name
+  text = hlo(PAIRED["info_nce_tiled"], x, x)
+  assert "collective_permute" in text and "all_gather" not in text
+  # The untiled loss gathers (so the assertion above can fail).
+  assert "all_gather" in hlo(IN_BATCH["nt_xent"], x, labels)

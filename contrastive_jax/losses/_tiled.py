@@ -14,6 +14,12 @@ pass recomputes each block and applies
 
 so memory is O(n * block + C * D) in both directions (``jax.custom_vjp``
 with ``lax.scan`` over blocks).
+
+Across devices, the ring schedule never gathers the candidates: each device
+keeps its own share and passes it to the next device with ``lax.ppermute``
+after processing it, like Ring Attention (Liu et al., 2023) and Inf-CL
+(Cheng et al., 2024). In the backward pass each share travels with its
+accumulated gradient and arrives home after a full turn.
 """
 
 from __future__ import annotations
@@ -67,12 +73,43 @@ def _softmax_weights(s, L, mask):
                    0.0)
 
 
-def _forward(spec: _Spec, block_size: int, a, c, rows: _Rows, cols: _Cols):
-  cb, colsb, _ = _pad_blocks(c, cols, block_size)
+def _ring_perm(axis_name):
+  n = lax.axis_size(axis_name)
+  return [(i, (i + 1) % n) for i in range(n)]
 
-  def lse_step(carry, blk):
+
+def _fold(body, init, c, cols: _Cols, block_size: int, ring_axis):
+  """``carry = body(carry, c_b, cols_b)`` over every block of candidates.
+
+  Without ``ring_axis`` the blocks are slices of ``c``. With it, ``c`` is this
+  device's share: it is processed block by block, then passed to the next
+  device (``ppermute``), until every share has visited every device.
+  """
+  def local(carry, c_dev, cols_dev):
+    cb, colsb, _ = _pad_blocks(c_dev, cols_dev, block_size)
+    carry, _ = lax.scan(lambda cr, blk: (body(cr, *blk), None), carry,
+                        (cb, colsb))
+    return carry
+
+  if ring_axis is None:
+    return local(init, c, cols)
+
+  def ring_step(state, _):
+    carry, c_dev, cols_dev = state
+    carry = local(carry, c_dev, cols_dev)
+    c_dev, cols_dev = lax.ppermute((c_dev, cols_dev), ring_axis,
+                                   _ring_perm(ring_axis))
+    return (carry, c_dev, cols_dev), None
+
+  (carry, _, _), _ = lax.scan(ring_step, (init, c, cols), None,
+                              length=lax.axis_size(ring_axis))
+  return carry
+
+
+def _forward(spec: _Spec, block_size: int, ring_axis, a, c, rows: _Rows,
+             cols: _Cols):
+  def lse_step(carry, c_b, cols_b):
     m, l, aux = carry
-    c_b, cols_b = blk
     s = a @ c_b.T
     mask = spec.lse_mask(rows, cols_b)
     m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
@@ -80,47 +117,47 @@ def _forward(spec: _Spec, block_size: int, a, c, rows: _Rows, cols: _Cols):
     l = l * jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe) + jnp.sum(
         jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - m_safe[:, None]),
                   0.0), axis=1)
-    return (m_new, l, aux + spec.aux(rows, cols_b)), None
+    return m_new, l, aux + spec.aux(rows, cols_b)
 
   # *_like(a) keeps a's device-varying type inside shard_map, which scan
   # requires of its carry.
   row = a[:, 0]
   init = (jnp.full_like(row, -jnp.inf), jnp.zeros_like(row),
           jnp.zeros_like(row, dtype=jnp.int32))
-  (m, l, aux), _ = lax.scan(lse_step, init, (cb, colsb))
+  m, l, aux = _fold(lse_step, init, c, cols, block_size, ring_axis)
   L = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
   phi_and_grad = jax.value_and_grad(spec.phi, argnums=1)
 
-  def phi_step(carry, blk):
+  def phi_step(carry, c_b, cols_b):
     total, dl = carry
-    c_b, cols_b = blk
     value, grad_l = phi_and_grad(a @ c_b.T, L, rows, cols_b, aux)
-    return (total + value, dl + grad_l), None
+    return total + value, dl + grad_l
 
-  (phi_total, dphi_dl), _ = lax.scan(
-      phi_step, (jnp.zeros_like(row[0]), jnp.zeros_like(row)), (cb, colsb))
+  phi_total, dphi_dl = _fold(phi_step, (jnp.zeros_like(row[0]),
+                                        jnp.zeros_like(row)),
+                             c, cols, block_size, ring_axis)
   h_value, dh_dl = jax.value_and_grad(spec.h)(L, aux)
   total = h_value + phi_total
   w = jnp.where(jnp.isfinite(L), dh_dl + dphi_dl, 0.0)
   return total, aux, (L, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _tiled_sum(spec, block_size, a, c, rows, cols):
-  total, aux, _ = _forward(spec, block_size, a, c, rows, cols)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tiled_sum(spec, block_size, ring_axis, a, c, rows, cols):
+  total, aux, _ = _forward(spec, block_size, ring_axis, a, c, rows, cols)
   return total, aux
 
 
-def _tiled_sum_fwd(spec, block_size, a, c, rows, cols):
-  total, aux, (L, w) = _forward(spec, block_size, a, c, rows, cols)
+def _tiled_sum_fwd(spec, block_size, ring_axis, a, c, rows, cols):
+  total, aux, (L, w) = _forward(spec, block_size, ring_axis, a, c, rows,
+                                cols)
   return (total, aux), (a, c, rows, cols, aux, L, w)
 
 
-def _tiled_sum_bwd(spec, block_size, residuals, cts):
+def _tiled_sum_bwd(spec, block_size, ring_axis, residuals, cts):
   a, c, rows, cols, aux, L, w = residuals
   ct = cts[0]
-  cb, colsb, size = _pad_blocks(c, cols, block_size)
   dphi_ds = jax.grad(spec.phi, argnums=0)
 
   def step(da, blk):
@@ -131,8 +168,27 @@ def _tiled_sum_bwd(spec, block_size, residuals, cts):
     ds = ds * ct
     return da + ds @ c_b, ds.T @ a
 
-  da, dcb = lax.scan(step, jnp.zeros_like(a), (cb, colsb))
-  dc = dcb.reshape((-1, c.shape[1]))[:size]
+  def local(da, c_dev, cols_dev):
+    cb, colsb, size = _pad_blocks(c_dev, cols_dev, block_size)
+    da, dcb = lax.scan(step, da, (cb, colsb))
+    return da, dcb.reshape((-1, c_dev.shape[1]))[:size]
+
+  if ring_axis is None:
+    da, dc = local(jnp.zeros_like(a), c, cols)
+  else:
+    # Each share carries its gradient around the ring and arrives home with
+    # the contributions of every device.
+    def ring_step(state, _):
+      da, c_dev, cols_dev, dc_dev = state
+      da, dc_part = local(da, c_dev, cols_dev)
+      c_dev, cols_dev, dc_dev = lax.ppermute(
+          (c_dev, cols_dev, dc_dev + dc_part), ring_axis,
+          _ring_perm(ring_axis))
+      return (da, c_dev, cols_dev, dc_dev), None
+
+    (da, _, _, dc), _ = lax.scan(
+        ring_step, (jnp.zeros_like(a), c, cols, jnp.zeros_like(c)), None,
+        length=lax.axis_size(ring_axis))
   zeros = lambda t: jax.tree.map(lambda x: None, t)
   return da, dc, zeros(rows), zeros(cols)
 
@@ -225,27 +281,60 @@ def _from_candidates(c: col.Candidates, inv_temp):
   return a, cand, rows, cols
 
 
+def _ring_inputs(embeddings, labels, inv_temp, axis_name):
+  """Local anchors and the local share of candidates for the ring schedule."""
+  a = _common.normalize(embeddings) * inv_temp
+  index = col.anchor_indices(embeddings.shape[0], axis_name).astype(jnp.int32)
+  rows = _Rows(labels, index)
+  cols = _Cols(labels, jnp.ones_like(labels, dtype=bool), index)
+  return a, _common.normalize(embeddings), rows, cols
+
+
 def nt_xent_sums(c: col.Candidates, inv_temp, block_size: int):
   """(sum of pair losses, number of positive pairs) over local anchors."""
-  a, cand, rows, cols = _from_candidates(c, inv_temp)
-  total, n_pos = _tiled_sum(_NT_XENT, block_size, a, cand, rows, cols)
+  total, n_pos = _tiled_sum(_NT_XENT, block_size, None,
+                            *_from_candidates(c, inv_temp))
   return total, jnp.sum(n_pos)
 
 
 def supcon_sums(c: col.Candidates, inv_temp, block_size: int):
   """(sum of anchor losses, number of anchors with a positive)."""
-  a, cand, rows, cols = _from_candidates(c, inv_temp)
-  total, n_pos = _tiled_sum(_SUPCON, block_size, a, cand, rows, cols)
+  total, n_pos = _tiled_sum(_SUPCON, block_size, None,
+                            *_from_candidates(c, inv_temp))
   return total, jnp.sum(n_pos > 0)
 
 
-def info_nce_sum(queries, candidates, targets, inv_temp, block_size: int):
-  """Sum over queries of the cross-entropy to candidate ``targets[i]``."""
+def nt_xent_ring_sums(embeddings, labels, inv_temp, block_size: int,
+                      axis_name: str):
+  """:func:`nt_xent_sums` with candidates passed around the device ring."""
+  total, n_pos = _tiled_sum(_NT_XENT, block_size, axis_name,
+                            *_ring_inputs(embeddings, labels, inv_temp,
+                                          axis_name))
+  return total, jnp.sum(n_pos)
+
+
+def supcon_ring_sums(embeddings, labels, inv_temp, block_size: int,
+                     axis_name: str):
+  """:func:`supcon_sums` with candidates passed around the device ring."""
+  total, n_pos = _tiled_sum(_SUPCON, block_size, axis_name,
+                            *_ring_inputs(embeddings, labels, inv_temp,
+                                          axis_name))
+  return total, jnp.sum(n_pos > 0)
+
+
+def info_nce_sum(queries, candidates, targets, inv_temp, block_size: int,
+                 ring_axis=None):
+  """Sum over queries of the cross-entropy to candidate ``targets[i]``.
+
+  With ``ring_axis``, ``candidates`` are this device's keys only (global
+  index ``targets``), passed around the ring.
+  """
   a = _common.normalize(queries) * inv_temp
   cand = _common.normalize(candidates)
-  rows = _Rows(jnp.zeros(a.shape[0], jnp.int32), targets.astype(jnp.int32))
-  cols = _Cols(jnp.zeros(cand.shape[0], jnp.int32),
-               jnp.ones(cand.shape[0], bool),
-               jnp.arange(cand.shape[0], dtype=jnp.int32))
-  total, _ = _tiled_sum(_INFO_NCE, block_size, a, cand, rows, cols)
+  targets = targets.astype(jnp.int32)
+  rows = _Rows(jnp.zeros_like(targets), targets)
+  index = (targets if ring_axis is not None
+           else jnp.arange(cand.shape[0], dtype=jnp.int32))
+  cols = _Cols(jnp.zeros_like(index), jnp.ones_like(index, dtype=bool), index)
+  total, _ = _tiled_sum(_INFO_NCE, block_size, ring_axis, a, cand, rows, cols)
   return total

@@ -18,6 +18,18 @@ __all__ = ["nt_xent_loss", "supervised_contrastive_loss", "info_nce_loss"]
 _STATIC = ("axis_name", "block_size")
 
 
+def _use_ring(block_size, axis_name, extra) -> bool:
+  """Tiled and across devices: pass candidate shares around the ring.
+
+  With a memory or extra negatives (identical on every device) the batch is
+  gathered instead, and the tiles run over the gathered candidates.
+  """
+  if block_size is None or axis_name is None or extra is not None:
+    return False
+  col.check_axis_name(axis_name)
+  return True
+
+
 def _check_block_size(block_size):
   if block_size is not None and (not isinstance(block_size, int)
                                  or block_size <= 0):
@@ -52,7 +64,10 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
       every device then returns the loss of the global batch.
     block_size: if set, similarities are computed ``block_size`` candidates at
       a time with a streaming log-sum-exp, and recomputed in the backward
-      pass: memory ``O(N * block_size)`` instead of ``O(N^2)``.
+      pass: memory ``O(N * block_size)`` instead of ``O(N^2)``. With
+      ``axis_name`` too (and no ``memory``), candidates are not gathered:
+      each device's share is passed around a ring (``lax.ppermute``), so no
+      device ever holds all of them.
     memory: optional :class:`CrossBatchMemory` of extra candidates.
 
   Returns:
@@ -65,6 +80,11 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
   """
   _check_block_size(block_size)
   embeddings, labels = _common.prepare_embeddings(embeddings, labels)
+  if _use_ring(block_size, axis_name, memory):
+    total, count = _tiled.nt_xent_ring_sums(embeddings, labels,
+                                            1.0 / temperature, block_size,
+                                            axis_name)
+    return col.global_mean(total, count, axis_name)
   c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
                               memory=memory)
   if block_size is not None:
@@ -113,6 +133,11 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
   """
   _check_block_size(block_size)
   embeddings, labels = _common.prepare_embeddings(embeddings, labels)
+  if _use_ring(block_size, axis_name, memory):
+    total, count = _tiled.supcon_ring_sums(embeddings, labels,
+                                           1.0 / temperature, block_size,
+                                           axis_name)
+    return col.global_mean(total, count, axis_name)
   c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
                               memory=memory)
   if block_size is not None:
@@ -188,6 +213,10 @@ def _info_nce_direction(queries, keys, negatives, inv_temp, axis_name,
                         block_size):
   n = queries.shape[0]
   targets = col.anchor_indices(n, axis_name)
+  if _use_ring(block_size, axis_name, negatives):
+    total = _tiled.info_nce_sum(queries, keys, targets, inv_temp, block_size,
+                                ring_axis=axis_name)
+    return col.global_mean(total, n, axis_name)
   candidates = col.all_gather(keys, axis_name)
   if negatives is not None:
     candidates = jnp.concatenate([candidates, negatives], axis=0)
