@@ -66,3 +66,17 @@ def test_signature_and_docstring_conventions(name, fn):
   if name.startswith("contrastive_jax.losses") and "memory" not in name:
     assert "References:" in doc, name
     assert "Examples:" in doc, name
+
+
+@pytest.mark.parametrize("module_name", [
+    "contrastive_jax.losses.triplet", "contrastive_jax.losses.pairs",
+    "contrastive_jax.losses.softmax", "contrastive_jax.losses.sigmoid"])
+def test_docstring_examples_run(module_name):
+  import doctest  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(module_name)
+  result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
+                           optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
