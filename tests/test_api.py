@@ -37,7 +37,8 @@ def test_all_lists_exactly_the_public_names(module):
                                           "check_matrix",
                                           "check_same_features", "safe_sqrt",
                                           "safe_normalize",
-                                          "sq_euclidean_matrix"}
+                                          "sq_euclidean_matrix", "gram",
+                                          "matmul_t"}
 
 
 def test_top_level_exports():
