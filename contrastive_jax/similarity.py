@@ -64,12 +64,11 @@ def check_same_features(x_name: str, x, y_name: str, y) -> None:
 
 
 def _prepare_pair(x, y, *, pairwise: bool):
-  """Validates and casts (x, y) to the compute dtype; keeps ``y=None``."""
+  """Validates and casts (x, y); returns arrays in the compute dtype."""
   if pairwise:
     check_matrix("x", x)
     if y is None:
-      dtype = compute_dtype(x)
-      return jnp.asarray(x, dtype), None
+      y = x
     check_matrix("y", y)
   else:
     check_floating("x", x)
@@ -214,38 +213,14 @@ def hamming_distance(x: jax.Array, y: jax.Array) -> jax.Array:
 # Pairwise kernels.
 
 
-@jax.custom_vjp
-def gram(x):
-  """``x @ x.T`` whose backward pass is one matrix product, not two."""
-  return x @ x.T
-
-
-def _gram_fwd(x):
-  return x @ x.T, x
-
-
-def _gram_bwd(x, g):
-  return ((g + g.T) @ x,)
-
-
-gram.defvjp(_gram_fwd, _gram_bwd)
-
-
-def matmul_t(x, y=None):
-  """``x @ y.T``; with ``y=None``, :func:`gram` of ``x``."""
-  return gram(x) if y is None else x @ y.T
-
-
-def sq_euclidean_matrix(x, y=None, zero_mask=None):
+def sq_euclidean_matrix(x, y, zero_mask=None):
   """``|x|^2 + |y|^2 - 2 x·y^T`` clamped at 0, and exactly 0 on ``zero_mask``.
 
-  ``y=None`` means ``y = x``. Round-off leaves ``|x|^2 + |x|^2 - 2 x·x``
-  slightly off zero, so pairs known to be the same point are set to 0
-  explicitly.
+  Round-off leaves ``|x|^2 + |x|^2 - 2 x·x`` slightly off zero, so pairs known
+  to be the same point are set to 0 explicitly.
   """
-  x_sq = jnp.sum(x * x, axis=-1)
-  y_sq = x_sq if y is None else jnp.sum(y * y, axis=-1)
-  sq = x_sq[:, None] + y_sq[None, :] - 2.0 * matmul_t(x, y)
+  sq = (jnp.sum(x * x, axis=-1)[:, None] + jnp.sum(y * y, axis=-1)[None, :]
+        - 2.0 * (x @ y.T))
   sq = jnp.maximum(sq, 0.0)
   if zero_mask is not None:
     sq = jnp.where(zero_mask, 0.0, sq)
@@ -271,9 +246,10 @@ def pairwise_euclidean_distance(x: jax.Array, y: jax.Array | None = None, *,
   References:
     scipy.spatial.distance.cdist(metric="euclidean").
   """
+  same = y is None
   x, y = _prepare_pair(x, y, pairwise=True)
   sq = sq_euclidean_matrix(
-      x, y, jnp.eye(x.shape[0], dtype=bool) if y is None else None)
+      x, y, jnp.eye(x.shape[0], dtype=bool) if same else None)
   return sq if squared else safe_sqrt(sq)
 
 
@@ -294,8 +270,7 @@ def pairwise_cosine_similarity(x: jax.Array, y: jax.Array | None = None, *,
     sklearn.metrics.pairwise.cosine_similarity.
   """
   x, y = _prepare_pair(x, y, pairwise=True)
-  return matmul_t(safe_normalize(x, eps=eps),
-                  None if y is None else safe_normalize(y, eps=eps))
+  return safe_normalize(x, eps=eps) @ safe_normalize(y, eps=eps).T
 
 
 @jax.jit
@@ -315,8 +290,8 @@ def pairwise_pearson_correlation(x: jax.Array, y: jax.Array | None = None, *,
     numpy.corrcoef.
   """
   x, y = _prepare_pair(x, y, pairwise=True)
-  return matmul_t(safe_normalize(_center(x), eps=eps),
-                  None if y is None else safe_normalize(_center(y), eps=eps))
+  return (safe_normalize(_center(x), eps=eps)
+          @ safe_normalize(_center(y), eps=eps).T)
 
 
 @jax.jit
@@ -332,7 +307,7 @@ def pairwise_dot_product(x: jax.Array,
     ``[N, M]`` inner products.
   """
   x, y = _prepare_pair(x, y, pairwise=True)
-  return matmul_t(x, y)
+  return x @ y.T
 
 
 @jax.jit
@@ -350,5 +325,5 @@ def pairwise_hamming_distance(x: jax.Array,
     ``[N, M]`` counts in ``[0, D]``, as floats of the compute dtype.
   """
   x, y = _prepare_pair(x, y, pairwise=True)
-  return 0.5 * (x.shape[-1] - matmul_t(_signs(x),
-                                       None if y is None else _signs(y)))
+  bx, by = _signs(x), _signs(y)
+  return 0.5 * (x.shape[-1] - bx @ by.T)

@@ -37,8 +37,7 @@ def test_all_lists_exactly_the_public_names(module):
                                           "check_matrix",
                                           "check_same_features", "safe_sqrt",
                                           "safe_normalize",
-                                          "sq_euclidean_matrix", "gram",
-                                          "matmul_t"}
+                                          "sq_euclidean_matrix"}
 
 
 def test_top_level_exports():

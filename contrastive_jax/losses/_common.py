@@ -47,18 +47,13 @@ def prepare_pair(queries, keys):
 
 
 def distance_matrix(anchors, candidates, metric: str, self_mask=None):
-  """``[n, N]`` distances; exactly 0 (with zero gradient) on ``self_mask``.
-
-  When ``candidates is anchors`` (one device, no memory) the inner products
-  are a Gram matrix, whose backward pass needs one matrix product.
-  """
+  """``[n, N]`` distances; exactly 0 (with zero gradient) on ``self_mask``."""
   if metric == "cosine":
     d = 1.0 - cosine_matrix(anchors, candidates)
     if self_mask is not None:
       d = jnp.where(self_mask, 0.0, d)
   else:
-    d = sim.sq_euclidean_matrix(
-        anchors, None if candidates is anchors else candidates, self_mask)
+    d = sim.sq_euclidean_matrix(anchors, candidates, self_mask)
   if metric == "euclidean":
     d = sim.safe_sqrt(d)
   return d
@@ -68,10 +63,7 @@ normalize = sim.safe_normalize
 
 
 def cosine_matrix(anchors, candidates):
-  """Cosine similarities; a Gram matrix when ``candidates is anchors``."""
-  a = normalize(anchors)
-  return sim.matmul_t(a, None if candidates is anchors else normalize(
-      candidates))
+  return normalize(anchors) @ normalize(candidates).T
 
 
 def masked_logsumexp(x, mask, axis: int = -1):
