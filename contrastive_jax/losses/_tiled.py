@@ -220,7 +220,7 @@ def _count_positives(rows, cols):
 def _nt_xent_phi(s, L, rows, cols, aux):
   del aux
   return jnp.sum(jnp.where(_positive(rows, cols),
-                           jax.nn.softplus(L[:, None] - s), 0.0))
+                           _common.softplus(L[:, None] - s), 0.0))
 
 
 def _zero_h(L, aux):

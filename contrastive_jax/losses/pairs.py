@@ -99,9 +99,9 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *,
   """
   c = _view(embeddings, labels, axis_name, memory)
   s = _common.cosine_matrix(c.anchors, c.embeddings)
-  pos_term = jax.nn.softplus(
+  pos_term = _common.softplus(
       _common.masked_logsumexp(-alpha * (s - base), c.positive_mask())) / alpha
-  neg_term = jax.nn.softplus(
+  neg_term = _common.softplus(
       _common.masked_logsumexp(beta * (s - base), c.negative_mask())) / beta
   losses = pos_term + neg_term
   return col.global_mean(jnp.sum(losses), losses.shape[0], axis_name)
@@ -148,5 +148,5 @@ def circle_loss(embeddings: jax.Array, labels: jax.Array, *, m: float = 0.4,
   valid = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
   losses = jnp.where(
       valid,
-      jax.nn.softplus(jnp.where(valid, logit_p + logit_n, 0.0)), 0.0)
+      _common.softplus(jnp.where(valid, logit_p + logit_n, 0.0)), 0.0)
   return col.global_mean(jnp.sum(losses), jnp.sum(losses > 0), axis_name)

@@ -50,5 +50,5 @@ def sigmoid_contrastive_loss(queries: jax.Array, keys: jax.Array, *,
   own = (col.anchor_indices(n, axis_name)[:, None]
          == jnp.arange(all_keys.shape[0])[None, :])
   z = jnp.where(own, 1.0, -1.0).astype(logits.dtype)
-  total = jnp.sum(jax.nn.softplus(-z * logits))
+  total = jnp.sum(_common.softplus(-z * logits))
   return col.global_mean(total, n, axis_name)

@@ -18,6 +18,69 @@ __all__ = ["nt_xent_loss", "supervised_contrastive_loss", "info_nce_loss"]
 _STATIC = ("axis_name", "block_size")
 
 
+# The dense [n, C] parts of NT-Xent and SupCon with hand-written backward
+# passes: autodiff of the masked log-sum-exp and softplus costs several more
+# passes over the matrix (and transcendentals) than the closed forms, which
+# need one exp per entry. The matrix products around them stay autodiff.
+
+
+@jax.custom_vjp
+def _nt_xent_dense_sum(s, pos, neg):
+  """sum over positive pairs of softplus(lse_neg(s_a) - s_ap)."""
+  return _nt_xent_dense_fwd(s, pos, neg)[0]
+
+
+def _nt_xent_dense_fwd(s, pos, neg):
+  lse = _common.masked_logsumexp(s, neg)
+  total = jnp.sum(jnp.where(pos, _common.softplus(lse[:, None] - s), 0.0))
+  return total, (s, pos, neg, lse)
+
+
+def _nt_xent_dense_bwd(residuals, g):
+  s, pos, neg, lse = residuals
+  finite = jnp.isfinite(lse)[:, None]
+  # q = e^{s - lse}: the softmax weight of a negative, and sigmoid(lse - s)
+  # = 1 / (1 + q) for a positive (q = inf gives 0, not NaN).
+  q = jnp.exp(jnp.where(finite & (pos | neg), s, 0.0)
+              - jnp.where(finite, lse[:, None], 0.0))
+  pos = pos & finite
+  sig = jnp.where(pos, 1.0 / (1.0 + q), 0.0)
+  weight = jnp.sum(sig, axis=1, keepdims=True)
+  ds = jnp.where(neg & finite, weight * q, 0.0) - sig
+  return g * ds, None, None
+
+
+_nt_xent_dense_sum.defvjp(_nt_xent_dense_fwd, _nt_xent_dense_bwd)
+
+
+@jax.custom_vjp
+def _supcon_dense_sum(s, pos, others):
+  """sum over anchors with positives of lse_others(s_a) - mean_p s_ap."""
+  return _supcon_dense_fwd(s, pos, others)[0]
+
+
+def _supcon_dense_fwd(s, pos, others):
+  n_pos = jnp.sum(pos, axis=1)
+  has_pos = n_pos > 0
+  lse = _common.masked_logsumexp(s, others)
+  mean_pos = jnp.sum(jnp.where(pos, s, 0.0), axis=1) / jnp.maximum(n_pos, 1)
+  total = jnp.sum(jnp.where(has_pos, lse - mean_pos, 0.0))
+  return total, (s, pos, others, lse, n_pos)
+
+
+def _supcon_dense_bwd(residuals, g):
+  s, pos, others, lse, n_pos = residuals
+  has_pos = (n_pos > 0)[:, None]
+  softmax = jnp.exp(jnp.where(has_pos & others, s, 0.0)
+                    - jnp.where(has_pos, lse[:, None], 0.0))
+  ds = (jnp.where(has_pos & others, softmax, 0.0)
+        - jnp.where(pos, 1.0 / jnp.maximum(n_pos, 1)[:, None], 0.0))
+  return g * ds.astype(s.dtype), None, None
+
+
+_supcon_dense_sum.defvjp(_supcon_dense_fwd, _supcon_dense_bwd)
+
+
 def _use_ring(block_size, axis_name, extra) -> bool:
   """Tiled and across devices: pass candidate shares around the ring.
 
@@ -92,9 +155,8 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
     return col.global_mean(total, count, axis_name)
   s = _common.cosine_matrix(c.anchors, c.embeddings) / temperature
   pos = c.positive_mask()
-  neg_lse = _common.masked_logsumexp(s, c.negative_mask())
-  losses = jnp.where(pos, jax.nn.softplus(neg_lse[:, None] - s), 0.0)
-  return col.global_mean(jnp.sum(losses), jnp.sum(pos), axis_name)
+  total = _nt_xent_dense_sum(s, pos, c.negative_mask())
+  return col.global_mean(total, jnp.sum(pos), axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -145,13 +207,8 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
     return col.global_mean(total, count, axis_name)
   s = _common.cosine_matrix(c.anchors, c.embeddings) / temperature
   pos = c.positive_mask()
-  n_pos = jnp.sum(pos, axis=1)
-  lse = _common.masked_logsumexp(s, ~c.is_self() & c.valid[None, :])
-  # -mean_p (s_ap - lse_a) = lse_a - mean_p s_ap
-  losses = lse - jnp.sum(jnp.where(pos, s, 0.0), axis=1) / jnp.maximum(n_pos, 1)
-  has_pos = n_pos > 0
-  losses = jnp.where(has_pos, losses, 0.0)
-  return col.global_mean(jnp.sum(losses), jnp.sum(has_pos), axis_name)
+  total = _supcon_dense_sum(s, pos, ~c.is_self() & c.valid[None, :])
+  return col.global_mean(total, jnp.sum(jnp.any(pos, axis=1)), axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("symmetric",) + _STATIC)
