@@ -1,0 +1,217 @@
+"""Checkpoints that never lose a run: orbax ``CheckpointManager`` + guards.
+
+* ``workdir/checkpoints/<step>/{state,meta}``: the ``TrainState`` (params,
+  optimizer state, step, RNG, memory bank; the step is also the data
+  position) and a JSON record (step, data position, config fingerprint).
+  Saved every ``checkpoint.every_steps``, at the end, and on SIGTERM; the
+  last ``checkpoint.keep`` are kept. Saves are asynchronous (orbax copies the
+  arrays to host before ``save`` returns, so the donated state is safe) and
+  committed atomically: a process killed mid-save leaves an uncommitted
+  temporary folder that orbax ignores.
+* Restore tries the latest step first; a checkpoint that cannot be read
+  (partial, corrupt) is reported, moved to ``workdir/checkpoints_corrupt/``,
+  and the previous one is tried.
+* A workdir whose ``config.json`` (or checkpoint fingerprint) comes from an
+  incompatible config raises ``IncompatibleCheckpointError`` before anything
+  is written. Keys in ``RESUME_SAFE_KEYS`` (run length, logging, checkpoint
+  and evaluation settings) may change between restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+__all__ = [
+    "Checkpointer",
+    "IncompatibleCheckpointError",
+    "PreemptionFlag",
+    "RESUME_SAFE_KEYS",
+    "compatible_view",
+    "config_fingerprint",
+    "check_workdir_config",
+]
+
+# Top-level config keys that do not change what a checkpoint contains or how
+# the run continues bit-for-bit up to the saved step.
+RESUME_SAFE_KEYS = frozenset({
+    "num_steps", "num_epochs", "log_every", "eval_every", "checkpoint",
+    "eval", "progress_bar", "distributed", "data_dir", "num_devices",
+})
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir holds a run of a different configuration."""
+
+
+def compatible_view(config_dict: Mapping[str, Any]) -> dict:
+  return {k: v for k, v in config_dict.items() if k not in RESUME_SAFE_KEYS}
+
+
+def config_fingerprint(config_dict: Mapping[str, Any]) -> str:
+  blob = json.dumps(compatible_view(config_dict), sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _diff(old, new, prefix=""):
+  out = []
+  keys = sorted(set(old) | set(new)) if isinstance(old, dict) and isinstance(
+      new, dict) else None
+  if keys is None:
+    return [f"{prefix}: {old!r} -> {new!r}"] if old != new else []
+  for k in keys:
+    if k not in old:
+      out.append(f"{prefix}{k}: (absent) -> {new[k]!r}")
+    elif k not in new:
+      out.append(f"{prefix}{k}: {old[k]!r} -> (absent)")
+    else:
+      out.extend(_diff(old[k], new[k], f"{prefix}{k}."))
+  return [d.replace(".:", ":") for d in out]
+
+
+def check_workdir_config(workdir: str, config_dict: Mapping[str, Any]) -> None:
+  """Raises if ``workdir`` has checkpoints of an incompatible config."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  path = os.path.join(workdir, "config.json")
+  has_ckpt = os.path.isdir(ckpt_dir) and any(
+      n.isdigit() for n in os.listdir(ckpt_dir))
+  if not has_ckpt or not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  diffs = _diff(compatible_view(old), compatible_view(
+      json.loads(json.dumps(config_dict, default=str))))
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f"Workdir {workdir} holds checkpoints of a different config; it is"
+        " left untouched. Differences (saved -> requested):\n  "
+        + "\n  ".join(diffs) + "\nUse another --workdir, or delete this one"
+        " to start over.")
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (preemption notice); the loop saves and exits."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def install(self) -> "PreemptionFlag":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self._event.set()
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+class Checkpointer:
+  """Save / restore-with-fallback around ``ocp.CheckpointManager``."""
+
+  def __init__(self, workdir: str, *, fingerprint: str, keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self._corrupt_dir = os.path.abspath(
+        os.path.join(workdir, "checkpoints_corrupt"))
+    self._fingerprint = fingerprint
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = self._new_manager()
+
+  def _new_manager(self):
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=("state", "meta"))
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    return self._manager
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore_latest(self, abstract_state):
+    """``(state, step)`` of the newest readable checkpoint, or ``(None, None)``.
+
+    Raises:
+      IncompatibleCheckpointError: a readable checkpoint of another config.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      if meta.get("config_fingerprint") != self._fingerprint:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {self.directory}/{step} was written by a config with"
+            f" fingerprint {meta.get('config_fingerprint')}, not"
+            f" {self._fingerprint}; it is left untouched. Use another"
+            " --workdir, or delete this one to start over.")
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      logging.info("Resumed from checkpoint step %d (%s).", step,
+                   self.directory)
+      return restored["state"], step
+    return None, None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self._corrupt_dir, f"{step}-{int(time.time())}")
+    logging.warning(
+        "Checkpoint %s cannot be read (%s: %s); moving it to %s and falling"
+        " back to the previous checkpoint.", src, type(error).__name__,
+        str(error)[:300], dst)
+    if jax.process_index() == 0:
+      os.makedirs(self._corrupt_dir, exist_ok=True)
+      shutil.move(src, dst)
+    self._manager.close()
+    self._manager = self._new_manager()
+
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    if step in self._manager.all_steps():
+      return False
+    meta = {"step": int(step), "data_position": int(step),
+            "config_fingerprint": self._fingerprint, "time": time.time()}
+    return self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

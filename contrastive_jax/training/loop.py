@@ -1,0 +1,326 @@
+"""``train_and_evaluate(config, workdir)``: the whole run, resumable.
+
+mesh -> data -> model/optimizer/state -> resume from the latest readable
+checkpoint -> jitted data-parallel steps (progress bar, TensorBoard scalars,
+NaN guard, periodic and SIGTERM checkpoints) -> final evaluation (kNN and
+linear probe on the validation split) -> ``workdir/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from contrastive_jax import evaluation
+from contrastive_jax.training import checkpoint as ckpt_lib
+from contrastive_jax.training import distributed
+from contrastive_jax.training import input as input_lib
+from contrastive_jax.training import metric_writer
+from contrastive_jax.training import optim
+from contrastive_jax.training import registry
+from contrastive_jax.training import state as state_lib
+from contrastive_jax.training import step as step_lib
+
+__all__ = ["NonFiniteLossError", "make_mesh", "total_steps",
+           "train_and_evaluate", "evaluate", "build"]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or gradients / parameters) became NaN or infinite."""
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """1-D ``"data"`` mesh over all devices (or the first ``num_devices``).
+
+  Auto axis types: ``shard_map`` takes the replicated state and sharded batch
+  as they come (Explicit axes would refuse unsharded inputs).
+  """
+  devices = jax.devices()
+  if num_devices and num_devices != len(devices):
+    if jax.process_count() > 1:
+      raise ValueError("num_devices must be 0 (all) with several processes.")
+    devices = devices[:num_devices]
+  return jax.make_mesh((len(devices),), (step_lib.AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def total_steps(config, num_train: int) -> int:
+  if config.get("num_steps", 0) > 0:
+    return int(config.num_steps)
+  return int(config.num_epochs) * (num_train // int(config.batch_size))
+
+
+def build(config, mesh, train_input, *, steps: int):
+  """``(init_model, train_model, eval_model, tx, schedule, initial state)``."""
+  kw = dict(num_classes=train_input.num_classes,
+            image_shape=train_input.image_shape)
+  init_model = registry.build_model(config.model, **kw)
+  train_model = registry.build_model(config.model, axis_name=step_lib.AXIS,
+                                     **kw)
+  schedule = optim.make_schedule(
+      config.optimizer, total_steps=steps, batch_size=int(config.batch_size),
+      steps_per_epoch=max(1, train_input.num_train // int(config.batch_size)))
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  key = jax.random.key(int(config.seed))
+  sample = np.zeros((1,) + tuple(train_input.image_shape), np.float32)
+  state = state_lib.create_train_state(
+      init_model, tx, sample_input=sample, key=jax.random.fold_in(key, 0))
+  memory_size = int(config.loss.get("memory_size", 0))
+  if memory_size:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    out = jax.eval_shape(lambda v, x: init_model.apply(v, x), variables,
+                         sample)
+    from contrastive_jax import losses  # pylint: disable=g-import-not-at-top
+    state = state.replace(memory=losses.create_memory(
+        memory_size, out["embedding"].shape[-1]))
+  state = jax.tree.map(lambda a: input_lib.replicate(np.asarray(a), mesh),
+                       jax.device_get(state))
+  return init_model, train_model, tx, schedule, state
+
+
+def _host(tree):
+  return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+def _finite_metrics(m) -> bool:
+  return (all(np.all(np.isfinite(v)) for v in m.values())
+          and float(m.get("params_finite", 1.0)) == 1.0)
+
+
+def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
+             knn_only: bool = False) -> dict[str, float]:
+  """kNN and linear-probe top-1 of the backbone features on the eval split.
+
+  Also, when the model has them: kNN on the loss embedding, accuracy of the
+  classifier head and of the online probe, and Hamming-ranking mAP of hash
+  codes (validation queries against the training set).
+  """
+  ec = config.eval
+  train_x, train_y = input_lib.load_eval_split(config, splits[0])
+  val_x, val_y = input_lib.load_eval_split(config, splits[1])
+  num_classes = int(max(train_y.max(), val_y.max())) + 1
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  keys = ("features",) if knn_only else (
+      "features", "embedding", "logits", "probe_logits", "codes")
+
+  def forward(v, x):
+    out = model.apply(v, x, train=False)
+    return {k: out[k].astype(jnp.float32) for k in keys if k in out}
+
+  bs = int(ec.get("batch_size", 512))
+  tr = evaluation.embed(forward, variables, train_x, batch_size=bs, mesh=mesh)
+  va = evaluation.embed(forward, variables, val_x, batch_size=bs, mesh=mesh)
+  k = min(int(ec.get("knn_k", 20)), train_x.shape[0])
+  temp = float(ec.get("knn_temperature", 0.07))
+  res = {}
+  knn = evaluation.knn_accuracy(va["features"], val_y, tr["features"], train_y,
+                                ks=(k,), temperature=temp,
+                                num_classes=num_classes)
+  res["knn_top1"] = knn[f"top1_k{k}"]
+  if knn_only:
+    return res
+  lp = evaluation.linear_probe(
+      tr["features"], train_y, va["features"], val_y, num_classes=num_classes,
+      steps=int(ec.get("probe_steps", 500)),
+      learning_rate=float(ec.get("probe_learning_rate", 1e-3)))
+  res["linear_probe_top1"] = lp["top1"]
+  if "embedding" in va and va["embedding"].shape[1] != va["features"].shape[1]:
+    knn = evaluation.knn_accuracy(va["embedding"], val_y, tr["embedding"],
+                                  train_y, ks=(k,), temperature=temp,
+                                  num_classes=num_classes)
+    res["knn_embedding_top1"] = knn[f"top1_k{k}"]
+  for name, key in (("classifier_top1", "logits"),
+                    ("online_probe_top1", "probe_logits")):
+    if key in va:
+      res[name] = float(np.mean(np.argmax(va[key], -1) == val_y))
+  if "codes" in va:
+    res["hash_map"] = float(evaluation.hash_retrieval_map(
+        va["codes"], val_y, tr["codes"], train_y))
+  return res
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       step_callback: Callable[[int], None] | None = None
+                       ) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` if it holds checkpoints) and evaluates.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` (see ``experiments/configs``).
+    workdir: where checkpoints, ``config.json``, TensorBoard events and
+      ``results.json`` go.
+    step_callback: called with the step number after every step (tests use
+      it to kill the process at a known point).
+
+  Returns:
+    The results written to ``workdir/results.json``.
+
+  Raises:
+    IncompatibleCheckpointError: ``workdir`` holds another config's run.
+    NonFiniteLossError: the loss became NaN/inf; the last good checkpoint
+      is kept.
+  """
+  wall_start = time.time()
+  distributed.maybe_initialize(config.get("distributed"))
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  config_dict = config.to_dict()
+  # Refuse an incompatible workdir before writing anything into it.
+  ckpt_lib.check_workdir_config(workdir, config_dict)
+  os.makedirs(workdir, exist_ok=True)
+
+  mesh = make_mesh(int(config.get("num_devices", 0)))
+  data_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+  train_input = input_lib.make_train_input(config, mesh, seed_key=data_key)
+  steps = total_steps(config, train_input.num_train)
+  init_model, train_model, tx, schedule, state = build(
+      config, mesh, train_input, steps=steps)
+
+  cc = config.checkpoint
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, fingerprint=ckpt_lib.config_fingerprint(config_dict),
+      keep=int(cc.get("keep", 3)), async_save=bool(cc.get("async_save", True)))
+  restored, start = checkpointer.restore_latest(
+      state_lib.abstract_state(state))
+  if restored is not None:
+    state = restored
+  start = int(start or 0)
+  if is_main:
+    _write_json(os.path.join(workdir, "config.json"), config_dict)
+  logging.info("Devices: %d (%s), processes: %d; steps %d -> %d.",
+               jax.device_count(), jax.devices()[0].device_kind,
+               jax.process_count(), start, steps)
+
+  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  preempt = ckpt_lib.PreemptionFlag().install()
+  train_step = step_lib.make_train_step(train_model, tx, schedule, config,
+                                        mesh)
+  every = int(cc.get("every_steps", 1000))
+  log_every = max(1, int(config.get("log_every", 50)))
+  eval_every = int(config.get("eval_every", 0))
+  batch = int(config.batch_size)
+  status = "completed"
+  last = {}
+  timing = {"t0": None, "n0": start}
+  pbar = None
+  if config.get("progress_bar", True) and is_main:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    pbar = tqdm.tqdm(total=steps, initial=start, unit="step",
+                     dynamic_ncols=True, desc="train")
+
+  acc: dict[str, list] = {}
+
+  def check(step_done: int, metrics) -> None:
+    m = _host(metrics)
+    if not _finite_metrics(m):
+      checkpointer.wait()
+      bad = {k: float(v) for k, v in m.items()
+             if not np.isfinite(v) or (k == "params_finite" and v != 1.0)}
+      raise NonFiniteLossError(
+          f"Non-finite values at step {step_done}: {bad}. Training stopped;"
+          f" the last good checkpoint is step {checkpointer.latest_step()} in"
+          f" {checkpointer.directory} (nothing after it was saved). Lower"
+          " optimizer.learning_rate, set optimizer.grad_clip_norm, or use"
+          " model.dtype='float32'.")
+    last.update({k: float(v) for k, v in m.items()})
+    for k, v in m.items():
+      if k != "params_finite":
+        acc.setdefault(k, []).append(float(v))
+
+  try:
+    train_input.start(start)
+    pending = None
+    step = start
+    while step < steps:
+      batch_data = next(train_input)
+      state, metrics = train_step(state, batch_data)
+      step += 1
+      if timing["t0"] is None:  # throughput excludes the compiling step
+        jax.block_until_ready(metrics)
+        timing["t0"], timing["n0"] = time.time(), step
+      if pending is not None:  # one step behind: keeps the device busy
+        check(*pending)
+      pending = (step, metrics)
+      stop = preempt.is_set()
+      if jax.process_count() > 1 and step % log_every == 0:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        stop = bool(np.any(multihost_utils.process_allgather(
+            np.asarray(stop)))) or checkpointer.reached_preemption(step)
+      save = step % every == 0 or step == steps or stop
+      if save or step % log_every == 0 or step_callback is not None:
+        check(*pending)
+        pending = None
+      if save:
+        checkpointer.save(step, state, force=True)
+      if step % log_every == 0 or step == steps:
+        elapsed = time.time() - timing["t0"]
+        rate = (step - timing["n0"]) * batch / elapsed if elapsed > 0 else 0.0
+        scalars = {k: float(np.mean(v)) for k, v in acc.items()}
+        scalars["images_per_sec"] = rate
+        acc.clear()
+        writer.write_scalars(step, scalars)
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
+                           img_s=f"{rate:.0f}")
+      if eval_every and step % eval_every == 0 and step != steps:
+        ev = evaluate(config, init_model, state, mesh, knn_only=True)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+        logging.info("step %d: %s", step, ev)
+      if pbar is not None:
+        pbar.update(1)
+      if step_callback is not None:
+        step_callback(step)
+      if stop:
+        status = "preempted"
+        logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.",
+                        step)
+        break
+    if pending is not None:
+      check(*pending)
+  finally:
+    if pbar is not None:
+      pbar.close()
+    preempt.uninstall()
+    checkpointer.wait()
+    writer.flush()
+
+  train_time = (time.time() - timing["t0"]) if timing["t0"] else 0.0
+  rate = ((step - timing["n0"]) * batch / train_time if train_time > 0 else
+          0.0)
+  results: dict[str, Any] = {
+      "status": status, "step": int(step), "total_steps": int(steps),
+      "final_loss": last.get("loss"),
+      "images_per_sec": rate, "devices": int(mesh.size),
+      "processes": jax.process_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "global_batch_size": batch, "dataset": config.dataset,
+  }
+  if status == "completed" and config.eval.get("final", True):
+    results.update(evaluate(config, init_model, state, mesh))
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
+                                if isinstance(v, float)})
+  results["wall_time_s"] = time.time() - wall_start
+  writer.close()
+  checkpointer.close()
+  if is_main:
+    _write_json(os.path.join(workdir, "results.json"), results)
+  return results

@@ -1,0 +1,189 @@
+"""The data-parallel training step: ``(state, batch) -> (state, metrics)``.
+
+The per-device program is written with ``jax.shard_map`` over the mesh axis
+``"data"``: the state is replicated (``P()``), the batch split (``P("data")``).
+Inside it:
+
+* the model runs with BatchNorm synchronised over ``"data"`` (the model is
+  built with ``axis_name="data"``), so statistics are those of the global
+  batch, as SimCLR's global BN;
+* the metric loss gets ``axis_name="data"``: each device contrasts its anchors
+  with the candidates of every device and returns the loss of the *global*
+  batch. Per-device means (cross-entropy, reconstruction) are ``pmean``-ed, so
+  the objective is the global-batch objective on every device;
+* the parameters are replicated (*invariant* over ``"data"``), so JAX's
+  varying-axes typing makes ``jax.grad`` of that global objective the exact
+  global gradient (the transpose of the implicit broadcast of the params is a
+  ``psum``). The gradient is therefore *not* averaged again: an extra
+  ``pmean`` would be a no-op on an invariant value, and a ``psum`` would
+  multiply it by the device count. ``tests/test_training.py`` checks that 8
+  devices give the parameters of 1 device on the same global batch.
+
+Randomness is ``fold_in(fold_in(key, step), device)``: nothing random is
+carried in the state, so a resumed step draws what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from contrastive_jax import losses
+from contrastive_jax import models
+from contrastive_jax.training import registry
+from contrastive_jax.training.state import TrainState
+
+__all__ = ["AXIS", "make_train_step", "flatten_views"]
+
+AXIS = "data"
+
+
+def flatten_views(images: jax.Array, labels: jax.Array):
+  """``[B, V, H, W, C]`` -> view-major ``[V * B, H, W, C]`` and tiled labels.
+
+  View-major order keeps ``x[:B]`` = view 0, ``x[B:2B]`` = view 1, which the
+  paired losses (InfoNCE, sigmoid) read as queries and keys.
+  """
+  if images.ndim != 5:
+    return images, labels, 1
+  b, v = images.shape[:2]
+  x = jnp.swapaxes(images, 0, 1).reshape((v * b,) + images.shape[2:])
+  return x, jnp.tile(labels, v), v
+
+
+def _ce(logits, labels):
+  return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels))
+
+
+def _accuracy(logits, labels):
+  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+def make_train_step(model, tx: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array], config,
+                    mesh: Mesh) -> Callable[[TrainState, dict],
+                                            tuple[TrainState, dict]]:
+  """Jitted ``(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+  Args:
+    model: ``ContrastiveModel`` built with ``axis_name="data"``.
+    tx: the optax optimizer.
+    schedule: learning rate by step (reported in the metrics).
+    config: the run's config (``loss``, ``model``, ``batch_size``).
+    mesh: a mesh with a ``"data"`` axis.
+
+  Returns:
+    The step. ``batch`` is ``{"image": [B, (V,) H, W, C], "label": [B]}``
+    sharded over ``"data"``; ``metrics`` are replicated scalars: ``loss`` (the
+    training objective, without the probe), its terms, ``learning_rate``,
+    ``grad_norm`` and, with an online probe, ``probe_loss`` and
+    ``probe_accuracy``.
+  """
+  lc = config.loss
+  loss_fn, paired = (registry.get_loss(lc.name) if lc.name else (None, False))
+  loss_kwargs = registry._plain(lc.get("kwargs", {}) or {})  # pylint: disable=protected-access
+  instance_labels = lc.get("labels", "class") == "instance"
+  ce_weight = float(lc.get("ce_weight", 0.0))
+  rec_weight = float(lc.get("reconstruction_weight", 0.0))
+  quant_weight = float(lc.get("quantization_weight", 0.0))
+  metric_weight = float(lc.get("weight", 1.0))
+  use_memory = int(lc.get("memory_size", 0)) > 0
+  hash_kwargs = registry._plain(config.model.get("hash_scale", {}) or {})  # pylint: disable=protected-access
+  global_batch = int(config.batch_size)
+  if loss_fn is None and not (ce_weight or rec_weight):
+    raise ValueError("The config trains nothing: set loss.name, "
+                     "loss.ce_weight or loss.reconstruction_weight.")
+  if use_memory and paired:
+    raise ValueError(f"loss {lc.name!r} takes no cross-batch memory.")
+
+  def per_device(state: TrainState, batch: dict):
+    x, labels, views = flatten_views(batch["image"], batch["label"])
+    b = batch["label"].shape[0]
+    device = lax.axis_index(AXIS)
+    key = jax.random.wrap_key_data(state.rng)
+    key = jax.random.fold_in(jax.random.fold_in(key, state.step), device)
+    scale = models.hash_scale(state.step, **hash_kwargs)
+    if instance_labels:
+      # Globally unique ids (unique across steps too, for the memory bank):
+      # the two views of an image are each other's only positive.
+      ids = state.step * global_batch + device * b + jnp.arange(b)
+      metric_labels = jnp.tile(ids.astype(jnp.int32), views)
+    else:
+      metric_labels = labels
+
+    def objective(params):
+      variables = {"params": params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      out, new_vars = model.apply(variables, x, train=True, hash_scale=scale,
+                                  mutable=["batch_stats"],
+                                  rngs={"dropout": key})
+      terms = {}
+      total = jnp.zeros((), jnp.float32)
+      emb = out["embedding"].astype(jnp.float32)
+      if loss_fn is not None:
+        if paired:
+          if views < 2:
+            raise ValueError(f"loss {lc.name!r} needs data.views >= 2.")
+          value = loss_fn(emb[:b], emb[b:2 * b], axis_name=AXIS, **loss_kwargs)
+        else:
+          memory = state.memory if use_memory else None
+          value = loss_fn(emb, metric_labels, axis_name=AXIS, memory=memory,
+                          **loss_kwargs)
+        terms["metric_loss"] = value
+        total += metric_weight * value
+      if ce_weight:
+        terms["ce_loss"] = lax.pmean(_ce(out["logits"], labels), AXIS)
+        terms["train_accuracy"] = lax.pmean(_accuracy(out["logits"], labels),
+                                            AXIS)
+        total += ce_weight * terms["ce_loss"]
+      if rec_weight:
+        terms["reconstruction_loss"] = lax.pmean(
+            models.reconstruction_loss(out["reconstruction"], x), AXIS)
+        total += rec_weight * terms["reconstruction_loss"]
+      if quant_weight:
+        codes = out["codes"].astype(jnp.float32)
+        terms["quantization_loss"] = lax.pmean(
+            jnp.mean(jnp.square(jnp.abs(codes) - 1.0)), AXIS)
+        total += quant_weight * terms["quantization_loss"]
+      objective_value = total
+      if "probe_logits" in out:
+        # Detached features: this term trains the probe only.
+        terms["probe_loss"] = lax.pmean(_ce(out["probe_logits"], labels), AXIS)
+        terms["probe_accuracy"] = lax.pmean(
+            _accuracy(out["probe_logits"], labels), AXIS)
+        objective_value = total + terms["probe_loss"]
+      return objective_value, (total, terms, new_vars, emb)
+
+    grads, (loss, terms, new_vars, emb) = jax.grad(
+        objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    memory = state.memory
+    if use_memory:  # after the loss: a batch never meets its own copy.
+      memory = losses.enqueue_memory(memory, emb, metric_labels,
+                                     axis_name=AXIS)
+    new_state = state.replace(
+        step=state.step + 1, params=params,
+        batch_stats=new_vars.get("batch_stats", state.batch_stats),
+        opt_state=opt_state, memory=memory)
+    metrics = {"loss": loss, **terms,
+               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+               "grad_norm": optax.tree.norm(grads),
+               # 1.0 while every parameter is finite: the loop never saves a
+               # state that went bad even when the loss still looked fine.
+               "params_finite": jnp.all(jnp.stack([
+                   jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)
+               ])).astype(jnp.float32)}
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=0)

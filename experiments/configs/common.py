@@ -1,0 +1,83 @@
+"""Defaults shared by every config; each config overrides what it needs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dataset = "digits"
+  c.data_dir = ""          # image folders / TFDS data; "" = TFDS default
+  c.input = "device"       # "device" (no TensorFlow) or "tf" (tf.data)
+  c.data = ml_collections.ConfigDict(dict(
+      augment="none",      # contrastive_jax.data.AUGMENTATIONS
+      views=0,             # 0: [B, H, W, C]; V: [B, V, H, W, C]
+      normalize=True,      # per-channel dataset mean/std
+      shard_on_device=False,
+      classes_per_batch=0,  # P x K class-balanced batches when both set
+      examples_per_class=0,
+      strength=0.5, padding=4, max_degrees=10.0))
+  c.batch_size = 256
+  c.num_steps = 0          # > 0 overrides num_epochs
+  c.num_epochs = 10
+  c.model = ml_collections.ConfigDict(dict(
+      backbone="small_cnn",
+      backbone_kwargs=ml_collections.ConfigDict(),
+      projection_dim=0,    # 0: no projection head
+      projection_hidden_dim=2048,
+      projection_layers=2,
+      classifier=False,    # classifier head trained with cross-entropy
+      hash_bits=0,         # > 0: hash head of that many bits
+      hash_scale=ml_collections.ConfigDict(dict(growth=0.005, power=0.5)),
+      online_probe=True,   # linear probe on detached features
+      dtype="float32"))    # "bfloat16" for bf16 compute
+  c.loss = ml_collections.ConfigDict(dict(
+      name="supervised_contrastive",
+      kwargs=ml_collections.ConfigDict(dict(temperature=0.1)),
+      labels="class",      # "class" or "instance" (SimCLR: views of an image)
+      weight=1.0,
+      ce_weight=0.0,
+      reconstruction_weight=0.0,
+      quantization_weight=0.0,
+      memory_size=0))      # > 0: cross-batch memory of that many embeddings
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-3, lr_batch_scaling=False,
+      weight_decay=0.0, momentum=0.9, nesterov=False,
+      schedule="warmup_cosine", warmup_steps=0, warmup_epochs=0.0, end_lr_factor=0.0,
+      grad_clip_norm=0.0))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, keep=3, async_save=True))
+  c.log_every = 50
+  c.eval_every = 0
+  c.eval = ml_collections.ConfigDict(dict(
+      final=True, knn_k=20, knn_temperature=0.07, probe_steps=500,
+      probe_learning_rate=1e-3, batch_size=512))
+  c.num_devices = 0        # 0: all devices
+  c.progress_bar = True
+  c.distributed = ml_collections.ConfigDict(dict(
+      mode="auto", coordinator_address="", num_processes=1, process_id=0,
+      local_device_ids=""))
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A tiny smoke run of a CIFAR config: seconds on a laptop CPU."""
+  c.batch_size = 32
+  c.num_steps = 5
+  c.checkpoint.every_steps = 5
+  c.log_every = 1
+  c.eval.probe_steps = 20
+  c.eval.batch_size = 256
+  c.data.shard_on_device = False
+  # A small model of the same family, so the smoke run takes seconds.
+  if c.model.backbone.startswith("resnet"):
+    c.model.backbone = "resnet"
+    c.model.backbone_kwargs = dict(stage_sizes=(1, 1), num_filters=8)
+  elif c.model.backbone == "small_cnn":
+    c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=32)
+  elif c.model.backbone == "conv_autoencoder":
+    c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=32)
+  if c.model.projection_dim:
+    c.model.projection_hidden_dim = 64
+    c.model.projection_dim = 32
+  return c

@@ -1,0 +1,43 @@
+"""Supervised contrastive learning (SupCon) on CIFAR-10.
+
+    python -m experiments.train --config=experiments/configs/supcon_cifar10.py \
+        --workdir=/tmp/supcon_cifar10
+    python -m experiments.train --config=experiments/configs/supcon_cifar10.py:runlocal
+
+ResNet-18 (CIFAR stem), projection 2048 -> 128, two SimCLR views, SupCon
+(L_out) at temperature 0.1 over the global batch, LARS lr 0.5 x batch/256,
+weight decay 1e-4, 10 warmup epochs + cosine, batch 512, 500 epochs.
+
+Hardware: one accelerator or more. Result: not yet measured (Khosla et al.
+report 96.0% top-1 with ResNet-50 and batch 1024).
+``runlocal``: a tiny ResNet, 5 steps of batch 32.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.base_config()
+  c.dataset = "cifar10"
+  c.data.augment = "simclr"
+  c.data.views = 2
+  c.data.shard_on_device = True
+  c.batch_size = 512
+  c.num_epochs = 500
+  c.model.backbone = "resnet18"
+  c.model.backbone_kwargs = {}
+  c.model.projection_dim = 128
+  c.model.projection_hidden_dim = 2048
+  c.loss.name = "supervised_contrastive"
+  c.loss.kwargs = dict(temperature=0.1)
+  c.loss.labels = "class"
+  c.optimizer.name = "lars"
+  c.optimizer.learning_rate = 0.5
+  c.optimizer.lr_batch_scaling = True
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_epochs = 10.0
+  c.checkpoint.every_steps = 2000
+  c.log_every = 100
+  if arg == "runlocal":
+    c = common.runlocal(c)
+  return c

@@ -1,0 +1,313 @@
+"""The training system: families, 8-vs-1 devices, resume, corruption, NaN.
+
+Runs on the 8 fake CPU devices of tests/conftest.py. Tiny models and data,
+few compilations: the whole file takes a few minutes on 2 CPU cores.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from contrastive_jax import training
+from experiments.configs import autoencoder_cifar10
+from experiments.configs import digits
+from experiments.configs import hashing_cifar10
+from experiments.configs import simclr_cifar10
+from experiments.configs import supcon_cifar10
+from experiments.configs import triplet_ce_cifar10
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module and its subprocesses.
+
+  XLA:CPU compilation dominates these tests; the restarted runs (in process
+  or in a child) then reuse the programs the first run compiled.
+  """
+  from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  old = {k: getattr(jax.config, k) for k in (
+      "jax_compilation_cache_dir",
+      "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  cc.reset_cache()
+  yield path
+  for k, v in old.items():
+    jax.config.update(k, v)
+  cc.reset_cache()
+
+
+def _final_state(workdir, step=None):
+  """The saved state of ``step`` (default: latest) as nested numpy dicts."""
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "meta"))
+  step = mngr.latest_step() if step is None else step
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  return step, out
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+  """A generated image folder ``cifar10/train/<class>/<i>.png``: 4 x 10 8x8 RGB."""
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  for c in range(4):
+    d = root / "cifar10" / "train" / f"class{c}"
+    d.mkdir(parents=True)
+    base = rng.integers(0, 256, (8, 8, 3))
+    for i in range(10):
+      img = np.clip(base + rng.integers(-40, 40, (8, 8, 3)), 0, 255)
+      Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+  return str(root)
+
+
+def _quick(c, *, steps=1):
+  c.num_steps = steps
+  c.progress_bar = False
+  c.log_every = 1
+  c.eval.probe_steps = 5
+  c.checkpoint.async_save = False
+  return c
+
+
+FAMILIES = {
+    "simclr": simclr_cifar10,
+    "supcon": supcon_cifar10,
+    "triplet_ce": triplet_ce_cifar10,
+    "hashing": hashing_cifar10,
+    "autoencoder": autoencoder_cifar10,
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
+  c = _quick(FAMILIES[family].get_config("runlocal"))
+  c.data_dir = tiny_cifar
+  c.batch_size = 16
+  c.num_devices = 2
+  res = training.train_and_evaluate(c, str(tmp_path))
+  assert res["status"] == "completed" and res["step"] == 1
+  assert np.isfinite(res["final_loss"])
+  for key in ("knn_top1", "linear_probe_top1"):
+    assert 0.0 <= res[key] <= 1.0
+  if family == "hashing":
+    assert 0.0 <= res["hash_map"] <= 1.0
+  if family == "triplet_ce":
+    assert "classifier_top1" in res
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["step"] == 1 and saved["devices"] == 2
+  assert json.loads((tmp_path / "config.json").read_text())["dataset"] == (
+      "cifar10")
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def _small_digits(**overrides):
+  """Digits with a small MLP: fast to compile, exercises BN and memory."""
+  c = digits.get_config()
+  c.model.backbone = "mlp"
+  c.model.backbone_kwargs = dict(hidden_dims=(32,), output_dim=16)
+  c.model.projection_dim = 8
+  c.model.projection_hidden_dim = 16
+  c.batch_size = 64
+  c.num_steps = 30
+  c.checkpoint.every_steps = 10
+  c.checkpoint.keep = 3
+  c.eval.final = False
+  c.progress_bar = False
+  c.log_every = 1
+  c.optimizer.warmup_steps = 3
+  for k, v in overrides.items():
+    c.update_from_flattened_dict({k: v})
+  return c
+
+
+def test_default_digits_config_is_a_short_cpu_run():
+  c = digits.get_config()
+  assert c.dataset == "digits" and c.input == "device"
+  assert c.num_steps * c.batch_size <= 200_000
+
+
+def test_8_devices_equal_1_device(tmp_path):
+  """Same global batch: same loss curve and parameters on 8 devices as on 1.
+
+  Exercises synchronised BatchNorm (projection head), global negatives, the
+  cross-batch memory, the classifier cross-entropy and the online probe.
+  """
+  runs = {}
+  for n in (1, 8):
+    c = _small_digits(num_steps=4, num_devices=n)
+    c.checkpoint.every_steps = 4
+    c.loss.memory_size = 128
+    c.loss.ce_weight = 0.5
+    c.model.classifier = True
+    c.optimizer.grad_clip_norm = 1.0
+    wd = tmp_path / f"d{n}"
+    res = training.train_and_evaluate(c, str(wd))
+    assert res["devices"] == n
+    curve = [json.loads(l)["loss"] for l in
+             (wd / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    runs[n] = (curve, _final_state(str(wd))[1])
+  np.testing.assert_allclose(runs[8][0], runs[1][0], rtol=1e-5)
+  assert len(runs[1][0]) == 4
+  for a, b in zip(_leaves(runs[1][1]["params"]), _leaves(runs[8][1]["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(_leaves(runs[1][1]["batch_stats"]),
+                  _leaves(runs[8][1]["batch_stats"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(_leaves(runs[1][1]["memory"]), _leaves(runs[8][1]["memory"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 30-step run; checkpoints at 10, 20, 30."""
+  wd = tmp_path_factory.mktemp("reference")
+  res = training.train_and_evaluate(_small_digits(), str(wd))
+  assert res["step"] == 30
+  step, state = _final_state(str(wd))
+  assert step == 30
+  return str(wd), _leaves(state)
+
+
+_CHILD = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {repo!r})
+    sys.path.insert(0, {tests!r})
+    import test_training
+    from contrastive_jax import training
+    workdir, kill_at = sys.argv[1], int(sys.argv[2])
+    seen = []
+    def callback(step):
+      seen.append(step)
+      if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    training.train_and_evaluate(test_training._small_digits(), workdir,
+                                step_callback=callback)
+    print("FIRST_STEP", seen[0])
+""")
+
+
+def test_kill_9_and_restart_ends_bit_identical(reference_run, tmp_path,
+                                                compilation_cache):
+  ref_dir, ref_leaves = reference_run
+  script = tmp_path / "child.py"
+  script.write_text(_CHILD.format(repo=str(REPO),
+                                  tests=str(REPO / "tests")))
+  wd = tmp_path / "run"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  first = subprocess.run([sys.executable, str(script), str(wd), "25"],
+                         env=env, capture_output=True, text=True, timeout=300)
+  assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+  assert not (wd / "results.json").exists()
+  second = subprocess.run([sys.executable, str(script), str(wd), "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  # Resumed from checkpoint 20 (or 10, had the kill caught 20 mid-save).
+  assert "FIRST_STEP 21" in second.stdout or "FIRST_STEP 11" in second.stdout
+  step, state = _final_state(str(wd))
+  assert step == 30
+  for a, b in zip(ref_leaves, _leaves(state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_and_resumes_identically(reference_run, tmp_path):
+  _, ref_leaves = reference_run
+
+  def callback(step):
+    if step == 15:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  res = training.train_and_evaluate(_small_digits(), str(tmp_path),
+                                    step_callback=callback)
+  # The flag is read at the next step boundary: stops at 15 or 16.
+  assert res["status"] == "preempted" and res["step"] in (15, 16)
+  mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+  assert res["step"] in mngr.all_steps()
+  mngr.close()
+  res = training.train_and_evaluate(_small_digits(), str(tmp_path))
+  assert res["status"] == "completed" and res["step"] == 30
+  for a, b in zip(ref_leaves, _leaves(_final_state(str(tmp_path))[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  ref_dir, ref_leaves = reference_run
+  wd = tmp_path / "run"
+  shutil.copytree(ref_dir, wd)
+  for f in (wd / "checkpoints" / "30" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  (wd / "results.json").unlink()
+  res = training.train_and_evaluate(_small_digits(), str(wd))
+  assert res["step"] == 30
+  assert list((wd / "checkpoints_corrupt").iterdir())
+  for a, b in zip(ref_leaves, _leaves(_final_state(str(wd))[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_incompatible_config_is_refused_untouched(reference_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  ref_dir, _ = reference_run
+  wd = tmp_path / "run"
+  shutil.copytree(ref_dir, wd)
+  before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+  c = _small_digits()
+  c.model.backbone_kwargs = dict(hidden_dims=(48,), output_dim=16)
+  with pytest.raises(training.IncompatibleCheckpointError, match="hidden_dims"):
+    training.train_and_evaluate(c, str(wd))
+  after = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+  assert before == after
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = _small_digits(num_steps=20)
+  c.model.projection_dim = 0
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 1e30
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"
+  c.checkpoint.every_steps = 1
+  with pytest.raises(training.NonFiniteLossError, match="last good checkpoint"):
+    training.train_and_evaluate(c, str(tmp_path))
+  mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+  steps = mngr.all_steps()
+  mngr.close()
+  for s in steps:
+    _, state = _final_state(str(tmp_path), s)
+    assert all(np.all(np.isfinite(x)) for x in _leaves(state["params"]))
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_tf_input_path_one_step(tmp_path):
+  c = _quick(digits.get_config())
+  c.input = "tf"
+  c.model.backbone = "mlp"
+  c.model.backbone_kwargs = dict(hidden_dims=(16,), output_dim=8)
+  c.model.projection_dim = 0
+  c.batch_size = 32
+  res = training.train_and_evaluate(c, str(tmp_path))
+  assert res["step"] == 1 and 0.0 <= res["knn_top1"] <= 1.0
