@@ -1,0 +1,350 @@
+"""On-device input path and JAX augmentations (no TensorFlow needed)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive_jax import data
+from contrastive_jax.data import augment_jax as aj
+from contrastive_jax.data import on_device
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+HAS_CIFAR = (SHARED / "cifar10" / "train").is_dir()
+
+
+def _images(n=16, size=32, seed=0):
+  rng = np.random.RandomState(seed)
+  return (rng.rand(n, size, size, 3) * 255).astype(np.uint8)
+
+
+def coordinate_image(size=32):
+  """R = 8 * row, G = 8 * col, B = 255: every pixel tells where it came from."""
+  i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  return np.stack([8 * i, 8 * j, np.full_like(i, 255)], -1).astype(np.uint8)
+
+
+def crop_flip_stats(views):
+  """``(dy, flip)`` per view of ``coordinate_image`` under crop_flip [0, 1]."""
+  v = np.asarray(views).reshape(-1, 32, 32, 3) * 255.0
+  rows = np.round(v[:, 16, 16, 0] / 8).astype(int)
+  dy = rows - 16 + 4
+  flip = v[:, 16, 17, 1] < v[:, 16, 16, 1]
+  return dy, flip
+
+
+def simclr_stats(views, gray_views):
+  """Stats of SimCLR views of ``coordinate_image`` (strength 0) and of gray.
+
+  Returns ``(area, flip, is_gray, brightness_ratio)``.
+  """
+  v = np.asarray(views).reshape(-1, 32, 32, 3) * 255.0
+  is_gray = np.all(np.abs(v[..., 0] - v[..., 1]) < 1e-3, axis=(1, 2))
+  y0, y1 = v[:, 0, 0, 0] / 8, v[:, -1, 0, 0] / 8
+  xa, xb = v[:, 0, 0, 1] / 8, v[:, 0, -1, 1] / 8
+  area = (np.round(y1 - y0) + 1) * (np.round(np.abs(xb - xa)) + 1) / 1024.0
+  flip = xb < xa
+  g = np.asarray(gray_views).reshape(-1, 32, 32, 3)
+  ratio = g[:, 16, 16, 0] / 0.5
+  return area[~is_gray], flip[~is_gray], is_gray, ratio
+
+
+def check_crop_flip_distribution(dy, flip):
+  n = len(dy)
+  assert n >= 300
+  assert dy.min() >= 0 and dy.max() <= 8
+  freq = np.bincount(dy, minlength=9) / n
+  # Each of the 9 offsets has probability 1/9; +-4 sigma at n = 400.
+  assert np.all(np.abs(freq - 1 / 9) < 0.07), freq
+  assert 0.38 < flip.mean() < 0.62
+
+
+def check_simclr_distribution(area, flip, is_gray, ratio):
+  assert area.min() >= 0.06 and area.max() <= 1.0
+  # E[area] of the random resized crop is about 0.55 (scale ~ U(0.08, 1)).
+  assert 0.45 < area.mean() < 0.65, area.mean()
+  assert 0.35 < flip.mean() < 0.65
+  assert 0.12 < is_gray.mean() < 0.28  # p = 0.2
+  jittered = np.abs(ratio - 1.0) > 1e-4
+  assert 0.7 < jittered.mean() < 0.9  # p = 0.8
+  # Brightness 0.4 (strength 0.5): factor in [0.6, 1.4], mean 1.
+  assert ratio.min() >= 0.6 - 1e-3 and ratio.max() <= 1.4 + 1e-3
+  assert 0.95 < ratio[jittered].mean() < 1.05
+
+
+# ----------------------------------------------------------------------------
+# Augmentations.
+
+
+@pytest.mark.parametrize("augment", aj.AUGMENTATIONS)
+def test_augment_shapes_ranges(augment):
+  x = _images(8)
+  out = aj.augment_views(jax.random.key(0), x, augment=augment, views=2)
+  assert out.shape == (8, 2, 32, 32, 3) and out.dtype == jnp.float32
+  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  if augment != "none":
+    assert not np.allclose(out[:, 0], out[:, 1])  # views differ
+
+
+def test_augment_grayscale_channel_and_float_input():
+  x = np.random.RandomState(0).rand(4, 8, 8, 1).astype(np.float32)
+  out = aj.augment_views(jax.random.key(1), x, augment="simclr", views=3)
+  assert out.shape == (4, 3, 8, 8, 1)
+  np.testing.assert_allclose(
+      aj.augment_views(jax.random.key(1), x, augment="none"), x)
+
+
+def test_public_single_view_functions():
+  x = _images(8)
+  out = aj.crop_flip(jax.random.key(3), x)
+  assert out.shape == (8, 32, 32, 3)
+  # Same key, same per-example draws as view 0 of augment_views(views=1).
+  np.testing.assert_array_equal(
+      out, aj.augment_views(jax.random.key(3), x, augment="crop_flip",
+                            views=1)[:, 0])
+
+
+@jax.jit
+def _both_crops(x, u):
+  fast = aj.crop_flip_images(x, u, padding=4)
+  return fast, aj.resample(x, *aj.crop_flip_positions(u, 32, 32, padding=4))
+
+
+def test_crop_flip_slice_matches_resample():
+  u = jax.random.uniform(jax.random.key(0), (64, 3))
+  fast, slow = _both_crops(jnp.asarray(_images(64)), u)
+  np.testing.assert_allclose(fast, slow, atol=1e-6)
+
+
+@jax.jit
+def _color_ops(x):
+  ones = jnp.ones([x.shape[0]])
+  return dict(bright=aj.adjust_brightness(x, ones),
+              contrast=aj.adjust_contrast(x, ones),
+              sat=aj.adjust_saturation(x, ones),
+              hue0=aj.adjust_hue(x, 0 * ones), hue1=aj.adjust_hue(x, ones),
+              gray=aj.rgb_to_grayscale(x), sat0=aj.adjust_saturation(x, 0 * ones))
+
+
+def test_color_ops_identities():
+  x = np.random.RandomState(0).rand(4, 8, 8, 3).astype(np.float32)
+  out = _color_ops(x)
+  for k in ("bright", "contrast", "sat", "hue0", "hue1"):  # hue1: 1 turn
+    np.testing.assert_allclose(out[k], x, atol=1e-5, err_msg=k)
+  np.testing.assert_allclose(out["gray"][..., 0], out["gray"][..., 2])
+  # Saturation 0: every channel becomes the max channel (HSV value).
+  np.testing.assert_allclose(out["sat0"][..., 0], x.max(-1), atol=1e-6)
+
+
+def test_jitter_factor_ranges():
+  u = jnp.asarray([[0.0] * 4, [1.0] * 4])
+  b, c, s, h = aj.jitter_factors(u, 0.5)
+  np.testing.assert_allclose(b, [0.6, 1.4], atol=1e-6)
+  np.testing.assert_allclose(c, [0.6, 1.4], atol=1e-6)
+  np.testing.assert_allclose(s, [0.6, 1.4], atol=1e-6)
+  np.testing.assert_allclose(h, [-0.1, 0.1], atol=1e-6)
+  assert aj.jitter_strengths(1.0) == pytest.approx((0.8, 0.8, 0.8, 0.2))
+
+
+def test_resized_crop_boxes_valid():
+  u = jax.random.uniform(jax.random.key(0), (500, 22))
+  boxes = jax.jit(aj.resized_crop_boxes, static_argnums=(4, 5))
+  y0, x0, h, w = map(np.asarray, boxes(u[:, :10], u[:, 10:20], u[:, 20],
+                                       u[:, 21], 32, 32))
+  assert np.all(y0 >= 0) and np.all(x0 >= 0)
+  assert np.all(y0 + h <= 32) and np.all(x0 + w <= 32)
+  ratio = np.asarray(w / h)
+  assert ratio.min() > 0.6 and ratio.max() < 1.6
+  assert np.all(h * w >= 0.06 * 1024)
+
+
+def test_augment_distribution_crop_flip():
+  img = np.repeat(coordinate_image()[None], 400, axis=0)
+  out = aj.augment_views(jax.random.key(5), img, augment="crop_flip")
+  check_crop_flip_distribution(*crop_flip_stats(out))
+
+
+def test_augment_distribution_simclr():
+  coord = np.repeat(coordinate_image()[None], 400, axis=0)
+  gray = np.full([400, 32, 32, 3], 0.5, np.float32)
+  v = aj.augment_views(jax.random.key(6), coord, augment="simclr", strength=0.0)
+  g = aj.augment_views(jax.random.key(7), gray, augment="simclr")
+  check_simclr_distribution(*simclr_stats(v, g))
+
+
+def test_augment_bad_inputs():
+  with pytest.raises(ValueError, match="augment must be one of"):
+    aj.augment_views(jax.random.key(0), _images(2), augment="blur")
+  with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+    aj.augment_views(jax.random.key(0), _images(2)[0], augment="none")
+  with pytest.raises(TypeError, match="uint8"):
+    aj.augment_views(jax.random.key(0), _images(2).astype(np.int32),
+                     augment="none")
+  with pytest.raises(ValueError, match="views"):
+    aj.augment_views(jax.random.key(0), _images(2), augment="none", views=0)
+
+
+# ----------------------------------------------------------------------------
+# Batches on device.
+
+
+def _indexed(n=40):
+  """Images plus labels = example index, so a batch's labels are its indices."""
+  return data.put_on_device(_images(n, size=8), np.arange(n))
+
+
+def test_put_on_device_and_digits():
+  d = data.load_device_data("digits", "validation")
+  assert d.images.dtype == jnp.float32 and d.images.shape[1:] == (8, 8, 1)
+  assert d.labels.dtype == jnp.int32 and d.labels.shape == d.images.shape[:1]
+  with pytest.raises(ValueError, match="labels"):
+    data.put_on_device(_images(4), np.arange(3))
+
+
+def test_device_batches_shapes_and_normalisation():
+  d = data.put_on_device(_images(32), np.arange(32) % 4)
+  mean, std = data.dataset_stats("cifar10")
+  it = data.device_batches(d, key=jax.random.key(0), batch_size=8,
+                           augment="crop_flip", views=2, mean=mean, std=std)
+  b = next(it)
+  assert b["image"].shape == (8, 2, 32, 32, 3)
+  assert b["image"].dtype == jnp.float32 and b["label"].dtype == jnp.int32
+  lo = (0 - np.asarray(mean)) / np.asarray(std)
+  hi = (1 - np.asarray(mean)) / np.asarray(std)
+  assert np.all(np.asarray(b["image"]).min((0, 1, 2, 3)) >= lo - 1e-5)
+  assert np.all(np.asarray(b["image"]).max((0, 1, 2, 3)) <= hi + 1e-5)
+  b1 = next(data.device_batches(d, key=jax.random.key(0), batch_size=8))
+  assert b1["image"].shape == (8, 32, 32, 3)
+
+
+def test_epochs_are_permutations_and_deterministic():
+  d = _indexed(40)
+  key = jax.random.key(3)
+  batches = list(data.device_batches(d, key=key, batch_size=8, num_steps=10))
+  idx = np.stack([np.asarray(b["label"]) for b in batches])  # [10, 8]
+  epoch0, epoch1 = idx[:5].ravel(), idx[5:].ravel()
+  assert sorted(epoch0) == list(range(40)) == sorted(epoch1)
+  assert not np.array_equal(epoch0, epoch1)
+  again = list(data.device_batches(d, key=key, batch_size=8, num_steps=10))
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  other = next(data.device_batches(d, key=jax.random.key(4), batch_size=8))
+  assert not np.array_equal(other["label"], batches[0]["label"])
+
+
+def test_resume_and_pure_sample_batch_agree():
+  d = _indexed(40)
+  key = jax.random.key(7)
+  opts = dict(batch_size=8, augment="crop_flip", views=2)
+  full = list(data.device_batches(d, key=key, num_steps=9, **opts))
+  resumed = list(data.device_batches(d, key=key, start_step=4, num_steps=5,
+                                     **opts))
+  for a, b in zip(full[4:], resumed):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_allclose(a["image"], b["image"], atol=1e-6)
+  pure = jax.jit(lambda s: data.sample_batch(key, d, s, **opts))
+  for s in (0, 6):
+    b = pure(s)
+    np.testing.assert_array_equal(b["label"], full[s]["label"])
+    np.testing.assert_allclose(b["image"], full[s]["image"], atol=1e-6)
+
+
+def test_balanced_batches():
+  labels = np.repeat(np.arange(6), [10, 10, 10, 10, 10, 3])
+  d = data.put_on_device(_images(len(labels), size=8), labels)
+  it = data.device_batches(d, key=jax.random.key(0), batch_size=12,
+                           classes_per_batch=3, examples_per_class=4,
+                           num_classes=6, num_steps=12)
+  seen = set()
+  for b in it:
+    lab = np.asarray(b["label"]).reshape(3, 4)
+    assert len(set(lab[:, 0])) == 3  # P distinct classes
+    assert np.all(lab == lab[:, :1])  # K of each
+    seen.update(lab[:, 0].tolist())
+  assert seen == set(range(6))
+  indices = jax.jit(data.balanced_batch_indices,
+                    static_argnames=("num_classes", "classes_per_batch",
+                                     "examples_per_class"))
+  idx = indices(jax.random.key(1), 0, jnp.asarray(labels), num_classes=6,
+                classes_per_batch=6, examples_per_class=4)
+  for c, block in enumerate(np.asarray(idx).reshape(6, 4)):
+    cls = labels[block]
+    assert len(set(cls)) == 1
+    if (labels == cls[0]).sum() >= 4:
+      assert len(set(block)) == 4  # without replacement when possible
+  with pytest.raises(ValueError, match="must equal batch_size"):
+    next(data.device_batches(d, key=jax.random.key(0), batch_size=12,
+                             classes_per_batch=5, examples_per_class=2,
+                             num_classes=6))
+
+
+def test_eval_batches_cover_split_once():
+  d = _indexed(21)
+  out = list(data.device_eval_batches(d, batch_size=8))
+  assert len(out) == 3
+  labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"])]
+                           for b in out])
+  np.testing.assert_array_equal(labels, np.arange(21))
+  assert np.asarray(out[-1]["mask"]).sum() == 5
+
+
+def test_batch_size_errors():
+  d = _indexed(10)
+  with pytest.raises(ValueError, match="larger than the split"):
+    next(data.device_batches(d, key=jax.random.key(0), batch_size=16))
+  with pytest.raises(ValueError, match="positive int"):
+    next(data.device_batches(d, key=jax.random.key(0), batch_size=0))
+
+
+def test_sharded_batches_in_subprocess():
+  """Two host CPU devices: data and batches sharded over a "data" axis."""
+  code = textwrap.dedent("""
+      import jax, numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from contrastive_jax import data
+      mesh = Mesh(np.array(jax.devices()), ("data",))
+      sh = NamedSharding(mesh, P("data"))
+      n = 41
+      imgs = np.zeros([n, 8, 8, 3], np.uint8)
+      d = data.put_on_device(imgs, np.arange(n), sharding=sh)
+      assert d.images.shape[0] == 40, d.images.shape  # 41 -> 2 * 20
+      it = data.device_batches(d, key=jax.random.key(0), batch_size=8,
+                               augment="crop_flip", views=2, num_steps=5)
+      lab = []
+      for b in it:
+        assert b["image"].shape == (8, 2, 8, 8, 3), b["image"].shape
+        assert b["image"].sharding.spec[0] == "data"
+        l = np.asarray(b["label"])
+        assert np.all(l[:4] < 20) and np.all(l[4:] >= 20)  # own shard only
+        lab.append(l)
+      epoch = np.concatenate(lab)  # 5 steps * 8 = one epoch of 40
+      assert sorted(epoch) == list(range(40)), sorted(epoch)
+      pk = data.device_batches(d, key=jax.random.key(0), batch_size=8,
+                               classes_per_batch=4, examples_per_class=2,
+                               num_classes=40)
+      b = next(pk)
+      assert b["label"].shape == (8,)
+      print("OK")
+      """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAS_CIFAR, reason="../shared/data/cifar10 is absent")
+def test_cifar10_validation_on_device(tmp_path):
+  d = data.load_device_data("cifar10", "validation", data_dir=SHARED)
+  assert d.images.shape == (5000, 32, 32, 3) and d.images.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.bincount(np.asarray(d.labels)), [500] * 10)
+  b = next(data.device_batches(d, key=jax.random.key(0), batch_size=64,
+                               views=2))
+  assert b["image"].shape == (64, 2, 32, 32, 3)
