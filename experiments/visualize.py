@@ -1,0 +1,57 @@
+"""Figures of a training workdir, written to ``<workdir>/plots/``.
+
+    python -m experiments.visualize --workdir=workdirs/digits
+
+* ``tsne_<split>.png``: t-SNE of the --split backbone features coloured by
+  class (``tsne_<split>_embedding.png``: of the loss embedding, if any);
+* ``curves.png``: loss, accuracy and learning rate from ``metrics.jsonl``;
+* ``confusion_<split>.png``: confusion matrix of the linear probe;
+* ``neighbors_<split>.png``: queries with their 8 nearest training images
+  (wrong ones framed in red).
+
+Uses the latest checkpoint; the confusion matrix is taken from
+``eval/<split>.json`` when ``experiments.evaluate`` wrote it for the same
+checkpoint. The logic is in ``contrastive_jax.evaluation.report``.
+"""
+
+import os
+import sys
+
+# Before scikit-learn loads OpenMP: spinning OpenMP workers make t-SNE and
+# k-means 5-10x slower on a CPU shared with other jobs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.",
+                               required=True)
+_SPLIT = flags.DEFINE_string("split", "validation",
+                             "Query split: 'validation' or 'test'.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Where the images are; default: the run's data_dir.")
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 10,
+                                    "Rows of the nearest-neighbour grid.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
+  from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  try:
+    paths = report.plot_workdir(_WORKDIR.value, _SPLIT.value,
+                                data_dir=_DATA_DIR.value,
+                                num_queries=_NUM_QUERIES.value)
+  except report.EvaluationError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for path in paths.values():
+    print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

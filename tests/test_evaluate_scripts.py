@@ -1,0 +1,180 @@
+"""experiments.evaluate / experiments.visualize (contrastive_jax.evaluation.report).
+
+One tiny digits run (a few steps on the 8 fake CPU devices of conftest.py) is
+trained once for the module; the report is computed from its checkpoint and
+checked against the run's own results.json.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+# Before scikit-learn loads OpenMP (t-SNE, k-means): spinning workers are
+# 5-10x slower on a shared CPU. Only a performance setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from contrastive_jax import training  # pylint: disable=g-import-not-at-top,wrong-import-position
+from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.configs import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RETRIEVAL_KEYS = {"precision_at_1", "r_precision", "mean_average_precision_at_r",
+                  "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
+                  "nmi", "ami"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """``(workdir, results.json, Prepared)`` of a 20-step digits run."""
+  config = digits.get_config()
+  config.num_steps = 20
+  config.log_every = 5
+  config.checkpoint.every_steps = 20
+  config.checkpoint.async_save = False
+  config.eval.probe_steps = 100
+  config.progress_bar = False
+  workdir = str(tmp_path_factory.mktemp("digits_run"))
+  results = training.train_and_evaluate(config, workdir)
+  return workdir, results, report.prepare(workdir, "validation")
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+  workdir, _, prepared = run
+  return report.evaluate_workdir(workdir, "validation", prepared=prepared)
+
+
+def _in_unit(value):
+  return value is not None and 0.0 <= value <= 1.0
+
+
+def test_evaluate_json(run, evaluated):
+  workdir, results, _ = run
+  res = evaluated
+  with open(os.path.join(workdir, "eval", "validation.json")) as f:
+    assert json.load(f) == res
+  assert res["split"] == "validation" and res["step"] == 20
+  assert res["num_classes"] == 10 and res["num_train"] == 1258
+  n = res["num_queries"]
+  assert n == 539
+  assert set(res["knn"]) == {"top1_k20", "top5_k20", "top1_k200",
+                             "top5_k200"}
+  assert all(_in_unit(v) for v in res["knn"].values())
+  assert res["knn"]["top1_k20"] <= res["knn"]["top5_k20"]
+  # The restored checkpoint gives the numbers the training run reported.
+  assert res["knn"]["top1_k20"] == pytest.approx(results["knn_top1"],
+                                                 abs=1.5 / n)
+  lp = res["linear_probe"]
+  assert lp["top1"] == pytest.approx(results["linear_probe_top1"],
+                                     abs=1.5 / n)
+  assert _in_unit(lp["top1"]) and lp["top1"] <= lp["top5"]
+  cls = res["classification"]
+  assert cls["accuracy"] == pytest.approx(lp["top1"])
+  for key in ("macro_recall", "macro_f1", "macro_precision"):
+    assert _in_unit(cls[key])
+  assert cls["class_names"] == [str(i) for i in range(10)]
+  assert set(cls["per_class"]) == set(cls["class_names"])
+  cm = np.asarray(cls["confusion_matrix"])
+  assert cm.shape == (10, 10) and cm.sum() == n
+  assert np.trace(cm) == round(cls["accuracy"] * n)
+  for key in ("retrieval", "retrieval_embedding"):
+    r = res[key]
+    assert set(r) == RETRIEVAL_KEYS
+    assert all(_in_unit(v) for v in r.values()), r
+    assert r["recall_at_1"] <= r["recall_at_2"] <= r["recall_at_4"] <= r[
+        "recall_at_8"]
+  assert "hash" not in res  # the digits model has no hash head
+  assert _in_unit(res["heads"]["online_probe_top1"])
+  table = report.format_table(res)
+  assert "kNN k=20 top-1 / top-5" in table and "MAP@R" in table
+
+
+def test_visualize_pngs(run, evaluated):
+  del evaluated  # the confusion matrix comes from eval/validation.json
+  workdir, _, prepared = run
+  paths = report.plot_workdir(workdir, "validation", prepared=prepared)
+  assert set(paths) == {"tsne", "tsne_embedding", "curves", "confusion",
+                        "neighbors"}
+  for path in paths.values():
+    assert os.path.dirname(path) == os.path.join(workdir, "plots")
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 5000, path
+
+
+def test_history_dedups_resumed_steps(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n'
+                  '{"step": 10, "loss": 1.5, "eval/knn_top1": 0.5}\n'
+                  '{"step": 15, "lo')  # killed mid-write
+  history = report.load_history(str(path))
+  assert history == {"loss": [(5, 3.0), (10, 1.5)],
+                     "eval/knn_top1": [(10, 0.5)]}
+  curves = report.curves_history(history)
+  assert set(curves) == {"training (total)/loss",
+                         "kNN top-1 (validation)/accuracy"}
+
+
+def test_bad_split(run):
+  workdir, _, _ = run
+  with pytest.raises(report.EvaluationError, match="no 'test' split"):
+    report.prepare(workdir, "test")  # digits has no test split
+  with pytest.raises(report.EvaluationError, match="split must be one of"):
+    report.evaluate_workdir(workdir, "testing")
+
+
+def test_workdir_without_checkpoint(run, tmp_path):
+  workdir, _, _ = run
+  (tmp_path / "config.json").write_text(
+      (pathlib.Path(workdir) / "config.json").read_text())
+  with pytest.raises(report.EvaluationError, match="No checkpoint in"):
+    report.evaluate_workdir(str(tmp_path), "validation")
+  assert not (tmp_path / "checkpoints").exists()  # nothing was created
+
+
+def test_cli_empty_workdir_fails_cleanly(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+      timeout=120, check=False)
+  assert proc.returncode == 1
+  assert "error:" in proc.stderr and "no config.json" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "eval").exists()
+
+
+def _outputs(rng, n, dim=8, bits=0):
+  out = {"features": rng.normal(size=(n, dim)).astype(np.float32)}
+  out["embedding"] = out["features"][:, :4] * 2.0
+  if bits:
+    out["codes"] = np.sign(rng.normal(size=(n, bits))).astype(np.float32)
+    out["embedding"] = out["codes"]
+  return out
+
+
+def test_nan_embeddings_are_counted():
+  rng = np.random.default_rng(0)
+  train, query = _outputs(rng, 60), _outputs(rng, 30)
+  query["features"][[2, 5, 7]] = np.nan
+  with pytest.raises(report.EvaluationError,
+                     match=r"query features has 3 of 30 rows with NaN"):
+    report.compute_metrics(train, rng.integers(0, 3, 60), query,
+                           rng.integers(0, 3, 30), num_classes=3)
+
+
+def test_hash_metrics_from_codes():
+  rng = np.random.default_rng(1)
+  train, query = _outputs(rng, 60, bits=12), _outputs(rng, 30, bits=12)
+  res = report.compute_metrics(train, np.arange(60) % 3, query,
+                               np.arange(30) % 3, num_classes=3, knn_ks=(5,),
+                               probe_steps=20)
+  assert set(res["knn"]) == {"top1_k5", "top5_k5"}
+  h = res["hash"]
+  assert h["num_bits"] == 12
+  assert _in_unit(h["map"]) and 0.0 <= h["bit_balance"] <= 0.5
+  assert "knn_embedding" not in res  # codes are reported as hash metrics
