@@ -5,6 +5,11 @@
         --workdir=/tmp/simclr --config.batch_size=512
     python -m experiments.train --config=experiments/configs/simclr_cifar10.py:runlocal
 
+Several processes (one per host; SLURM, Open MPI and TPU pods are detected):
+
+    python -m experiments.train --coordinator_address=10.0.0.1:1234 \
+        --num_processes=2 --process_id=0    # and --process_id=1 on the other
+
 Run the same command again to resume from the latest checkpoint. The logic is
 in ``contrastive_jax.training.train_and_evaluate``; this file only reads flags.
 """

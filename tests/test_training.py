@@ -1,7 +1,9 @@
 """The training system: families, 8-vs-1 devices, resume, corruption, NaN.
 
 Runs on the 8 fake CPU devices of tests/conftest.py. Tiny models and data,
-few compilations: the whole file takes a few minutes on 2 CPU cores.
+few compilations, compiled without LLVM optimisations (see the
+``compilation_cache`` fixture): the whole file takes about 2 minutes of CPU.
+The multi-process runs are in tests/test_training_multiprocess.py.
 """
 
 import json
@@ -29,22 +31,34 @@ from experiments.configs import triplet_ce_cifar10
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# What the module fixture sets, as environment variables for the children.
+_CHILD_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+              "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module and its subprocesses.
+  """Cheap XLA:CPU compilation for this module and its subprocesses.
 
-  XLA:CPU compilation dominates these tests; the restarted runs (in process
-  or in a child) then reuse the programs the first run compiled.
+  Compilation, not execution, dominates these few-step runs. LLVM's
+  optimisation of the programs is most of it: e.g. initialising one 4-D conv
+  kernel (partitionable threefry) takes 2-20 s to compile on XLA:CPU, 0.2 s
+  with ``jax_disable_most_optimizations``. Every run of a comparison uses the
+  same setting (the children get it through the environment). A persistent
+  cache lets the restarted runs (in process or in a child) reuse the
+  programs the first run compiled.
   """
   from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = {k: getattr(jax.config, k) for k in (
-      "jax_compilation_cache_dir",
-      "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes")}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  settings = {"jax_compilation_cache_dir": path,
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0,
+              "jax_disable_most_optimizations": True}
+  old = {k: getattr(jax.config, k) if hasattr(jax.config, k) else
+         jax.config.read(k) for k in settings}  # the last is a plain flag
+  for k, v in settings.items():
+    jax.config.update(k, v)
   cc.reset_cache()
   yield path
   for k, v in old.items():
@@ -216,8 +230,7 @@ def test_kill_9_and_restart_ends_bit_identical(reference_run, tmp_path,
                                   tests=str(REPO / "tests")))
   wd = tmp_path / "run"
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             **_CHILD_ENV)
   first = subprocess.run([sys.executable, str(script), str(wd), "25"],
                          env=env, capture_output=True, text=True, timeout=300)
   assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]

@@ -71,7 +71,9 @@ def embed(
     batch_size: examples per step; rounded up to a multiple of the number of
       devices on ``data_axis``.
     mesh: a ``jax.sharding.Mesh`` with axis ``data_axis``; None builds a 1-D
-      mesh of ``jax.local_devices()``.
+      mesh of ``jax.local_devices()``. A mesh over the devices of several
+      processes (multi-host) works too: every process must call ``embed``
+      with the same ``images``, and every process gets all the outputs.
     data_axis: name of the mesh axis the batch is split over.
 
   Returns:
@@ -101,7 +103,14 @@ def embed(
   data_sharding = NamedSharding(mesh, P(data_axis))
   replicated = NamedSharding(mesh, P())
   variables = jax.device_put(variables, replicated)
-  forward = jax.jit(apply_fn)
+  # A mesh spanning several processes (multi-host): each process feeds the
+  # rows of its own devices (``device_put`` of the host batch places only the
+  # addressable slices); the outputs are all-gathered on device so that every
+  # process can copy the whole batch of outputs to its host.
+  spans_processes = any(d.process_index != jax.process_index()
+                        for d in mesh.devices.flat)
+  forward = jax.jit(apply_fn,
+                    out_shardings=replicated if spans_processes else None)
 
   def check(out):
     for leaf in jax.tree.leaves(out):
