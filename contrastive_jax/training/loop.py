@@ -315,8 +315,9 @@ def train_and_evaluate(config, workdir: str, *,
       "global_batch_size": batch, "dataset": config.dataset,
   }
   if status == "completed" and config.eval.get("final", True):
-    results.update(evaluate(config, init_model, state, mesh))
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
+    final = evaluate(config, init_model, state, mesh)
+    results.update(final)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in final.items()
                                 if isinstance(v, float)})
   results["wall_time_s"] = time.time() - wall_start
   writer.close()
