@@ -237,5 +237,15 @@ def fmt_seconds(t: float | None) -> str:
   return f"{t:.2f} s"
 
 
+def short_detail(detail: str, width: int = 60) -> str:
+  """'can't allocate ... 4286578688 bytes' -> 'failed allocation of 4.3 GB'."""
+  import re  # pylint: disable=g-import-not-at-top
+  m = re.search(r"allocat\w*(?: memory)?:?(?: you tried to allocate)? (\d+) bytes",
+                detail)
+  if m:
+    return f"failed allocation of {int(m.group(1)) / 1e9:.1f} GB"
+  return detail[:width]
+
+
 def fmt_ratio(r: float | None) -> str:
   return "-" if r is None else (f"{r:.2f}×" if r < 10 else f"{r:.0f}×")

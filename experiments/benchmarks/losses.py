@@ -334,7 +334,7 @@ def build_table(all_results: dict) -> tuple[str, list[str]]:
         if "time_s" not in r:
           status = r.get("status", "skipped")
           rows.append([batch, label, peer_label, status, "-", "-", "-",
-                       r.get("detail", "")[:80]])
+                       _util.short_detail(r.get("detail", ""))])
           continue
         t = r["time_s"]
         runs = r.get("runs")

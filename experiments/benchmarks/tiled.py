@@ -129,7 +129,7 @@ def main(argv=None) -> None:
       name = "untiled" if block is None else f"tiled, block_size={block}"
       if "time_s" not in r:
         rows.append([batch, name, r.get("status", "?"), "-", "-", "-", "-",
-                     "-", r.get("detail", "")[:90]])
+                     "-", _util.short_detail(r.get("detail", ""))])
         continue
       ratio = (r["time_s"] / untiled["time_s"] if "time_s" in untiled
                and block is not None else None)
