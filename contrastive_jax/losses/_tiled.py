@@ -290,36 +290,30 @@ def _ring_inputs(embeddings, labels, inv_temp, axis_name):
   return a, _common.normalize(embeddings), rows, cols
 
 
-def nt_xent_sums(c: col.Candidates, inv_temp, block_size: int):
-  """(sum of pair losses, number of positive pairs) over local anchors."""
-  total, n_pos = _tiled_sum(_NT_XENT, block_size, None,
+# Per loss: its spec, and its denominator from the per-anchor positive counts
+# (NT-Xent averages over positive pairs, SupCon over anchors with positives).
+_IN_BATCH = {
+    "nt_xent": (_NT_XENT, jnp.sum),
+    "supcon": (_SUPCON, lambda n_pos: jnp.sum(n_pos > 0)),
+}
+
+
+def in_batch_sums(kind: str, c: col.Candidates, inv_temp, block_size: int):
+  """(sum of losses, count) of local anchors against gathered candidates."""
+  spec, count = _IN_BATCH[kind]
+  total, n_pos = _tiled_sum(spec, block_size, None,
                             *_from_candidates(c, inv_temp))
-  return total, jnp.sum(n_pos)
+  return total, count(n_pos)
 
 
-def supcon_sums(c: col.Candidates, inv_temp, block_size: int):
-  """(sum of anchor losses, number of anchors with a positive)."""
-  total, n_pos = _tiled_sum(_SUPCON, block_size, None,
-                            *_from_candidates(c, inv_temp))
-  return total, jnp.sum(n_pos > 0)
-
-
-def nt_xent_ring_sums(embeddings, labels, inv_temp, block_size: int,
-                      axis_name: str):
-  """:func:`nt_xent_sums` with candidates passed around the device ring."""
-  total, n_pos = _tiled_sum(_NT_XENT, block_size, axis_name,
+def ring_sums(kind: str, embeddings, labels, inv_temp, block_size: int,
+              axis_name: str):
+  """:func:`in_batch_sums` with candidates passed around the device ring."""
+  spec, count = _IN_BATCH[kind]
+  total, n_pos = _tiled_sum(spec, block_size, axis_name,
                             *_ring_inputs(embeddings, labels, inv_temp,
                                           axis_name))
-  return total, jnp.sum(n_pos)
-
-
-def supcon_ring_sums(embeddings, labels, inv_temp, block_size: int,
-                     axis_name: str):
-  """:func:`supcon_sums` with candidates passed around the device ring."""
-  total, n_pos = _tiled_sum(_SUPCON, block_size, axis_name,
-                            *_ring_inputs(embeddings, labels, inv_temp,
-                                          axis_name))
-  return total, jnp.sum(n_pos > 0)
+  return total, count(n_pos)
 
 
 def info_nce_sum(queries, candidates, targets, inv_temp, block_size: int,

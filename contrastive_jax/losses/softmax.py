@@ -18,6 +18,34 @@ __all__ = ["nt_xent_loss", "supervised_contrastive_loss", "info_nce_loss"]
 _STATIC = ("axis_name", "block_size")
 
 
+def _in_batch(kind, embeddings, labels, temperature, axis_name, block_size,
+              memory):
+  """NT-Xent or SupCon by the ring, the tiles, or the dense matrix."""
+  _check_block_size(block_size)
+  embeddings, labels = _common.prepare_embeddings(embeddings, labels)
+  inv_temp = 1.0 / temperature
+  if _use_ring(block_size, axis_name, memory):
+    total, count = _tiled.ring_sums(kind, embeddings, labels, inv_temp,
+                                    block_size, axis_name)
+  else:
+    c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
+                                memory=memory)
+    if block_size is not None:
+      total, count = _tiled.in_batch_sums(kind, c, inv_temp, block_size)
+    else:
+      total, count = _dense_sums(kind, c, inv_temp)
+  return col.global_mean(total, count, axis_name)
+
+
+def _dense_sums(kind, c: col.Candidates, inv_temp):
+  s = _common.cosine_matrix(c.anchors, c.embeddings) * inv_temp
+  pos = c.positive_mask()
+  if kind == "nt_xent":
+    return _nt_xent_dense_sum(s, pos, c.negative_mask()), jnp.sum(pos)
+  return (_supcon_dense_sum(s, pos, ~c.is_self() & c.valid[None, :]),
+          jnp.sum(jnp.any(pos, axis=1)))
+
+
 # The dense [n, C] parts of NT-Xent and SupCon with hand-written backward
 # passes: autodiff of the masked log-sum-exp and softplus costs several more
 # passes over the matrix (and transcendentals) than the closed forms, which
@@ -141,22 +169,8 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
     Chen et al., A Simple Framework for Contrastive Learning of Visual
     Representations, ICML 2020.
   """
-  _check_block_size(block_size)
-  embeddings, labels = _common.prepare_embeddings(embeddings, labels)
-  if _use_ring(block_size, axis_name, memory):
-    total, count = _tiled.nt_xent_ring_sums(embeddings, labels,
-                                            1.0 / temperature, block_size,
-                                            axis_name)
-    return col.global_mean(total, count, axis_name)
-  c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
-                              memory=memory)
-  if block_size is not None:
-    total, count = _tiled.nt_xent_sums(c, 1.0 / temperature, block_size)
-    return col.global_mean(total, count, axis_name)
-  s = _common.cosine_matrix(c.anchors, c.embeddings) / temperature
-  pos = c.positive_mask()
-  total = _nt_xent_dense_sum(s, pos, c.negative_mask())
-  return col.global_mean(total, jnp.sum(pos), axis_name)
+  return _in_batch("nt_xent", embeddings, labels, temperature, axis_name,
+                   block_size, memory)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -193,22 +207,8 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
   References:
     Khosla et al., Supervised Contrastive Learning, NeurIPS 2020.
   """
-  _check_block_size(block_size)
-  embeddings, labels = _common.prepare_embeddings(embeddings, labels)
-  if _use_ring(block_size, axis_name, memory):
-    total, count = _tiled.supcon_ring_sums(embeddings, labels,
-                                           1.0 / temperature, block_size,
-                                           axis_name)
-    return col.global_mean(total, count, axis_name)
-  c = col.in_batch_candidates(embeddings, labels, axis_name=axis_name,
-                              memory=memory)
-  if block_size is not None:
-    total, count = _tiled.supcon_sums(c, 1.0 / temperature, block_size)
-    return col.global_mean(total, count, axis_name)
-  s = _common.cosine_matrix(c.anchors, c.embeddings) / temperature
-  pos = c.positive_mask()
-  total = _supcon_dense_sum(s, pos, ~c.is_self() & c.valid[None, :])
-  return col.global_mean(total, jnp.sum(jnp.any(pos, axis=1)), axis_name)
+  return _in_batch("supcon", embeddings, labels, temperature, axis_name,
+                   block_size, memory)
 
 
 @functools.partial(jax.jit, static_argnames=("symmetric",) + _STATIC)
