@@ -38,6 +38,11 @@ def _in_batch(kind, embeddings, labels, temperature, axis_name, block_size,
 
 
 def _dense_sums(kind, c: col.Candidates, inv_temp):
+  if c.embeddings is c.anchors:  # one device, no memory
+    n_pos = jnp.sum(c.positive_mask(), axis=1)
+    count = jnp.sum(n_pos) if kind == "nt_xent" else jnp.sum(n_pos > 0)
+    return _symmetric_sum(kind, _common.normalize(c.anchors), c.labels,
+                          inv_temp), count
   s = _common.cosine_matrix(c.anchors, c.embeddings) * inv_temp
   pos = c.positive_mask()
   if kind == "nt_xent":
@@ -107,6 +112,81 @@ def _supcon_dense_bwd(residuals, g):
 
 
 _supcon_dense_sum.defvjp(_supcon_dense_fwd, _supcon_dense_bwd)
+
+
+# When the candidates are the anchors themselves, s = n n^T / T is symmetric
+# and so are the masks, so the gradient (ds + ds^T) n needs no transposed
+# product: ds_ij depends only on s_ij and the statistics of row i, and
+# ds^T_ij = ds_ji on s_ij and those of row j, so both are built elementwise
+# from the same s. That saves a transposed [B, B] x [B, D] product (the
+# slowest of the three on CPU).
+
+
+def _symmetric_masks(labels):
+  same = labels[:, None] == labels[None, :]
+  others = ~jnp.eye(labels.shape[0], dtype=bool)
+  return same & others, ~same, others
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _symmetric_sum(kind, n, labels, inv_temp):
+  """NT-Xent or SupCon loss sum of normalised ``n [B, D]`` against itself."""
+  return _symmetric_fwd(kind, n, labels, inv_temp)[0]
+
+
+def _symmetric_fwd(kind, n, labels, inv_temp):
+  s = (n @ n.T) * inv_temp
+  pos, neg, others = _symmetric_masks(labels)
+  if kind == "nt_xent":
+    total, (_, _, _, lse) = _nt_xent_dense_fwd(s, pos, neg)
+    stats = (lse, _nt_xent_weight(s, pos, lse[:, None]))
+  else:
+    total, (_, _, _, lse, n_pos) = _supcon_dense_fwd(s, pos, others)
+    stats = (lse, n_pos)
+  return total, (n, labels, inv_temp, s, stats)
+
+
+def _symmetric_bwd(kind, residuals, g):
+  n, labels, inv_temp, s, stats = residuals
+  pos, neg, others = _symmetric_masks(labels)
+  ds = _nt_xent_ds if kind == "nt_xent" else _supcon_ds
+  second = neg if kind == "nt_xent" else others
+  by_row = ds(s, pos, second, *(x[:, None] for x in stats))
+  by_col = ds(s, pos, second, *(x[None, :] for x in stats))
+  dn = (g * inv_temp) * ((by_row + by_col) @ n)
+  # s = inv_temp * n n^T, so ds/dinv_temp = s / inv_temp.
+  dinv_temp = g * jnp.sum(by_row * s) / inv_temp
+  return dn, None, dinv_temp
+
+
+_symmetric_sum.defvjp(_symmetric_fwd, _symmetric_bwd)
+
+
+def _nt_xent_q(s, pos, neg, lse):
+  """``e^{s - lse}`` where the row has negatives (broadcast ``lse``)."""
+  finite = jnp.isfinite(lse)
+  return finite, jnp.exp(jnp.where(finite & (pos | neg), s, 0.0)
+                         - jnp.where(finite, lse, 0.0))
+
+
+def _nt_xent_weight(s, pos, lse):
+  """sum_p sigmoid(lse - s_ap) per row: the loss's derivative w.r.t. lse."""
+  finite, q = _nt_xent_q(s, pos, pos, lse)
+  return jnp.sum(jnp.where(pos & finite, 1.0 / (1.0 + q), 0.0), axis=1)
+
+
+def _nt_xent_ds(s, pos, neg, lse, weight):
+  finite, q = _nt_xent_q(s, pos, neg, lse)
+  return (jnp.where(neg & finite, weight * q, 0.0)
+          - jnp.where(pos & finite, 1.0 / (1.0 + q), 0.0))
+
+
+def _supcon_ds(s, pos, others, lse, n_pos):
+  has_pos = n_pos > 0
+  softmax = jnp.exp(jnp.where(has_pos & others, s, 0.0)
+                    - jnp.where(has_pos, lse, 0.0))
+  return (jnp.where(has_pos & others, softmax, 0.0)
+          - jnp.where(pos, 1.0 / jnp.maximum(n_pos, 1), 0.0)).astype(s.dtype)
 
 
 def _use_ring(block_size, axis_name, extra) -> bool:
