@@ -165,7 +165,8 @@ def linear_classifier_logits(params: dict[str, Any], features: Any) -> np.ndarra
   return np.asarray(_logits(arrays, x))
 
 
-def _topk_accuracy(logits, labels, k):
+def topk_accuracy(logits, labels, k):
+  """Fraction of rows whose label is among the ``k`` largest logits (stable ties)."""
   k = min(k, logits.shape[1])
   top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
   return float(np.mean(np.any(top == labels[:, None], axis=1)))
@@ -223,7 +224,7 @@ def linear_probe(
       batch_size=batch_size, optimizer=optimizer, seed=seed)
   eval_logits = linear_classifier_logits(params, eval_x)
   train_logits = linear_classifier_logits(params, train_x)
-  return {"top1": _topk_accuracy(eval_logits, eval_y, 1),
-          "top5": _topk_accuracy(eval_logits, eval_y, 5),
-          "train_top1": _topk_accuracy(train_logits, train_y, 1),
+  return {"top1": topk_accuracy(eval_logits, eval_y, 1),
+          "top5": topk_accuracy(eval_logits, eval_y, 5),
+          "train_top1": topk_accuracy(train_logits, train_y, 1),
           "train_loss": params["final_loss"]}

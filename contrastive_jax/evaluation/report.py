@@ -37,6 +37,7 @@ from absl import logging
 from contrastive_jax import data as cdata
 from contrastive_jax import evaluation
 from contrastive_jax import similarity
+from contrastive_jax.evaluation.linear_probe import topk_accuracy
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.training import checkpoint as ckpt_lib
 from contrastive_jax.training import input as input_lib
@@ -217,16 +218,11 @@ def load_run(workdir: str, *, data_dir: str | None = None,
 
 def embed_outputs(run: Run, images: np.ndarray) -> dict[str, np.ndarray]:
   """The model's evaluated outputs (float32) for ``images``, in eval mode."""
-  model = run.model
-
-  def forward(v, x):
-    out = model.apply(v, x, train=False)
-    return {k: out[k].astype(jnp.float32) for k in _OUTPUT_KEYS if k in out}
-
-  return evaluation.embed(forward, run.variables, images,
-                          batch_size=int(run.config.eval.get("batch_size",
-                                                             512)),
-                          mesh=run.mesh)
+  return loop.model_outputs(run.model, run.variables, images,
+                           keys=_OUTPUT_KEYS,
+                           batch_size=int(run.config.eval.get("batch_size",
+                                                              512)),
+                           mesh=run.mesh)
 
 
 def check_finite(outputs: Mapping[str, np.ndarray], what: str) -> None:
@@ -316,10 +312,9 @@ def probe_classification(train_features, train_labels, query_features,
   logits = evaluation.linear_classifier_logits(params, query_features)
   train_logits = evaluation.linear_classifier_logits(params, train_features)
 
-  def topk(lg, y, k):
-    top = np.argsort(-lg, axis=1, kind="stable")[:, :min(k, lg.shape[1])]
-    return float(np.mean(np.any(top == np.asarray(y)[:, None], axis=1)))
-
+  topk = topk_accuracy
+  query_labels, train_labels = np.asarray(query_labels), np.asarray(
+      train_labels)
   probe = {"top1": topk(logits, query_labels, 1),
            "top5": topk(logits, query_labels, 5),
            "train_top1": topk(train_logits, train_labels, 1),
@@ -445,7 +440,7 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
       "num_classes": p.num_classes, **metrics})
   path = eval_path(p.run.workdir, p.split)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  loop._write_json(path, result)  # pylint: disable=protected-access
+  loop.write_json(path, result)
   return result
 
 

@@ -8,6 +8,7 @@ linear probe on the validation split) -> ``workdir/results.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -115,14 +116,10 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
     variables["batch_stats"] = state.batch_stats
   keys = ("features",) if knn_only else (
       "features", "embedding", "logits", "probe_logits", "codes")
-
-  def forward(v, x):
-    out = model.apply(v, x, train=False)
-    return {k: out[k].astype(jnp.float32) for k in keys if k in out}
-
-  bs = int(ec.get("batch_size", 512))
-  tr = evaluation.embed(forward, variables, train_x, batch_size=bs, mesh=mesh)
-  va = evaluation.embed(forward, variables, val_x, batch_size=bs, mesh=mesh)
+  embed = functools.partial(model_outputs, model, variables, keys=keys,
+                            batch_size=int(ec.get("batch_size", 512)),
+                            mesh=mesh)
+  tr, va = embed(train_x), embed(val_x)
   k = min(int(ec.get("knn_k", 20)), train_x.shape[0])
   temp = float(ec.get("knn_temperature", 0.07))
   res = {}
@@ -152,7 +149,17 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
   return res
 
 
-def _write_json(path: str, obj: Any) -> None:
+def model_outputs(model, variables, images, *, keys, batch_size: int, mesh):
+  """The model's eval-mode outputs named in ``keys`` (float32) for ``images``."""
+  def forward(v, x):
+    out = model.apply(v, x, train=False)
+    return {k: out[k].astype(jnp.float32) for k in keys if k in out}
+
+  return evaluation.embed(forward, variables, images, batch_size=batch_size,
+                          mesh=mesh)
+
+
+def write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -205,7 +212,7 @@ def train_and_evaluate(config, workdir: str, *,
     state = restored
   start = int(start or 0)
   if is_main:
-    _write_json(os.path.join(workdir, "config.json"), config_dict)
+    write_json(os.path.join(workdir, "config.json"), config_dict)
   logging.info("Devices: %d (%s), processes: %d; steps %d -> %d.",
                jax.device_count(), jax.devices()[0].device_kind,
                jax.process_count(), start, steps)
@@ -323,5 +330,5 @@ def train_and_evaluate(config, workdir: str, *,
   writer.close()
   checkpointer.close()
   if is_main:
-    _write_json(os.path.join(workdir, "results.json"), results)
+    write_json(os.path.join(workdir, "results.json"), results)
   return results
