@@ -171,6 +171,18 @@ def test_augment_distribution_crop_flip():
   check_crop_flip_distribution(*crop_flip_stats(out))
 
 
+def test_augment_crop_never_flips():
+  img = np.repeat(coordinate_image()[None], 400, axis=0)
+  u = np.random.RandomState(0).rand(400, 1, aj.num_uniforms("crop")).astype(np.float32)
+  out = aj.apply_augment(img, u, augment="crop")
+  dy, flip = crop_flip_stats(out)
+  assert not flip.any()
+  flipped = aj.apply_augment(img, u, augment="crop_flip")
+  # Same crop offsets as crop_flip from the same uniforms, only the flip is gone.
+  np.testing.assert_array_equal(dy, crop_flip_stats(flipped)[0])
+  assert 0.38 < crop_flip_stats(flipped)[1].mean() < 0.62
+
+
 def test_augment_distribution_simclr():
   coord = np.repeat(coordinate_image()[None], 400, axis=0)
   gray = np.full([400, 32, 32, 3], 0.5, np.float32)

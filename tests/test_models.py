@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ from contrastive_jax.models import (
     Bottleneck,
     ClassifierHead,
     ConvAutoencoder,
+    FastCNN,
     HashHead,
     ProjectionHead,
     ResNet,
@@ -117,6 +119,40 @@ def test_small_cnn_shapes(shape, pooling, fan_in):
 def test_small_cnn_rejects_unknown_pooling():
     with pytest.raises(ValueError, match="pooling"):
         _shapes(SmallCNN(pooling="avg"), DIGITS)
+
+
+@pytest.mark.parametrize("shape,stem", [(CIFAR, 32), (CIFAR, 0), (DIGITS, 0), ((2, 7, 7, 3), 0)])
+def test_fast_cnn_shapes(shape, stem):
+    variables, out = _shapes(FastCNN(widths=(8, 16, 24), stem_width=stem), shape)
+    assert out.shape == (2, 24)
+    assert ("stem" in variables["params"]) == bool(stem)
+    # conv1 c->8, conv2 8->8, 8->16, 16->16, 16->24, 24->24 (3x3, no bias) + BN.
+    c = shape[-1]
+    convs = 9 * (c * 8 + 8 * 8 + 8 * 16 + 16 * 16 + 16 * 24 + 24 * 24)
+    bn = 2 * 2 * (8 + 16 + 24)
+    if stem:
+        convs += 9 * (c * stem + stem * 8 - c * 8)
+        bn += 2 * stem
+    assert _num_params(variables) == convs + bn
+
+
+def test_fast_cnn_pool_matches_flax_max_pool():
+    from contrastive_jax.models import cnn
+    x = _images((2, 6, 4, 3))
+    np.testing.assert_array_equal(
+        cnn._max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME"))
+    x = _images((2, 5, 5, 3))  # odd sizes round up, as "SAME" does
+    assert cnn._max_pool_2x2(x).shape == (2, 3, 3, 3)
+
+
+def test_fast_cnn_batchnorm_train_vs_eval():
+    model = FastCNN(widths=(4, 4, 4), stem_width=0)
+    x = _images((4, 8, 8, 3))
+    variables = _init(model, x)
+    train, _ = _apply(model, variables, x, train=True, mutable=["batch_stats"])
+    evald = _apply(model, variables, x, train=False)
+    assert train.shape == evald.shape == (4, 4)
+    assert not np.allclose(train, evald)
 
 
 @pytest.mark.parametrize("cls,dim", [(ResNet18, 512), (ResNet34, 512), (ResNet50, 2048)])

@@ -22,6 +22,7 @@ Policies (``augment=``):
   horizontal flip with probability 1/2 (the standard CIFAR augmentation).
 * ``"crop_flip_rotate"``: the above, then a rotation by an angle uniform in
   ``[-max_degrees, max_degrees]`` (bilinear, zero fill).
+* ``"crop"``, ``"crop_rotate"``: the two above without the flip (digits).
 * ``"simclr"``: SimCLR's CIFAR set: random resized crop (scale 0.08-1, aspect
   ratio 3/4-4/3, resized back to the input size), horizontal flip, colour
   jitter with probability 0.8 (brightness, contrast and saturation
@@ -48,7 +49,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "simclr")
+AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "crop", "crop_rotate",
+                 "simclr")
+# Crops that never flip: for images whose mirror image is another class
+# (digits: a mirrored 2 reads as a 5). They draw the same uniforms.
+NO_FLIP = {"crop": "crop_flip", "crop_rotate": "crop_flip_rotate"}
 
 # SimCLR's random resized crop: like torchvision, up to 10 draws of (scale,
 # log aspect ratio); the first box that fits the image wins, else the whole
@@ -77,6 +82,8 @@ _NUM_UNIFORMS = {
     "none": 1,
     "crop_flip": 3,  # dy, dx, flip
     "crop_flip_rotate": 4,  # dy, dx, flip, angle
+    "crop": 3,
+    "crop_rotate": 4,
     "simclr": 2 * RRC_ATTEMPTS + 13,
 }
 
@@ -531,8 +538,8 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
     uniforms: ``[B, V, num_uniforms(augment)]`` in [0, 1).
     augment: one of ``AUGMENTATIONS``.
     strength: colour-jitter strength (``"simclr"``).
-    padding: zero padding of the random crop (``"crop_flip*"``).
-    max_degrees: largest rotation (``"crop_flip_rotate"``).
+    padding: zero padding of the random crop (``"crop*"``).
+    max_degrees: largest rotation (``"*_rotate"``).
 
   Returns:
     ``[B, V, H, W, C]`` float32 in [0, 1].
@@ -551,6 +558,9 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
     x = jnp.broadcast_to(x[:, None], (b, views, height, width, c)).reshape(
         b * views, height, width, c)
   u = jnp.asarray(uniforms, jnp.float32).reshape(b * views, -1)
+  if augment in NO_FLIP:
+    augment = NO_FLIP[augment]
+    u = u.at[:, 2].set(1.0)  # flips happen where u[:, 2] < 0.5
   if augment == "none":
     x = to_float(x)
   elif augment in ("crop_flip", "crop_flip_rotate"):

@@ -339,6 +339,9 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
     x = tf.reshape(tf.repeat(x[:, None], views, axis=1),
                    [b * views, height, width, c])
   u = tf.reshape(tf.cast(uniforms, tf.float32), [b * views, -1])
+  if augment in _aj.NO_FLIP:
+    augment = _aj.NO_FLIP[augment]
+    u = tf.concat([u[:, :2], tf.ones_like(u[:, 2:3]), u[:, 3:]], axis=1)
   if augment == "none":
     x = to_float(x)
   elif augment in ("crop_flip", "crop_flip_rotate"):

@@ -6,7 +6,7 @@ BatchNorm take ``axis_name`` so statistics can be synchronised across devices.
 """
 
 from contrastive_jax.models.autoencoder import ConvAutoencoder, reconstruction_loss
-from contrastive_jax.models.cnn import SmallCNN
+from contrastive_jax.models.cnn import FastCNN, SmallCNN
 from contrastive_jax.models.heads import ClassifierHead, HashHead, ProjectionHead, hash_scale
 from contrastive_jax.models.mlp import MLP
 from contrastive_jax.models.resnet import (
@@ -21,6 +21,7 @@ from contrastive_jax.models.resnet import (
 __all__ = [
     "MLP",
     "SmallCNN",
+    "FastCNN",
     "ResNet",
     "ResNet18",
     "ResNet34",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -63,3 +64,67 @@ class SmallCNN(nn.Module):
             x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.embedding_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="embedding")(x)
+
+
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2/2 max-pool ("SAME" padding); a reshape-max where the size is even.
+
+    The reshape form's gradient is an elementwise select, about 2.5x faster on
+    XLA:CPU than the select-and-scatter of ``nn.max_pool``'s gradient.
+    """
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class FastCNN(nn.Module):
+    """A VGG-like CIFAR network after airbench (Jordan, 2024): fast to train to ~90%+.
+
+    A 3x3 stem convolution, then three groups of ``conv -> max-pool -> BN ->
+    GELU -> conv -> BN -> GELU`` (32 -> 16 -> 8 -> 4 pixels for a 32x32
+    input), a final spatial max-pool and flatten. Pooling right after the
+    first convolution of each group keeps most FLOPs at low resolution, which
+    is what makes the network fast on CPUs as well as GPUs. airbench's patch-
+    whitening stem, frozen BN scales and lookahead are left out: those tricks
+    serve the last percent at 10 epochs, not the network's shape.
+
+    Attributes:
+        widths: channels of the three groups (airbench94: 64, 256, 256).
+        stem_width: channels of the stem convolution (0: no stem).
+        bn_momentum: BatchNorm running-average momentum (flax convention).
+        axis_name: mapped axis over which BatchNorm statistics are averaged.
+        dtype: computation dtype.
+        param_dtype: parameter dtype.
+
+    Input: ``(batch, H, W, C)`` images. Output: ``(batch, widths[-1])`` features.
+
+    References:
+        Jordan, `94% on CIFAR-10 in 3.29 Seconds on a Single GPU
+        <https://arxiv.org/abs/2404.00498>`_, 2024.
+    """
+
+    widths: Sequence[int] = (64, 256, 256)
+    stem_width: int = 32
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=self.bn_momentum, epsilon=1e-5,
+                                 axis_name=self.axis_name, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        x = jnp.asarray(x, self.dtype)
+        if self.stem_width:
+            x = nn.gelu(norm(name="stem_norm")(conv(self.stem_width, name="stem")(x)))
+        for i, width in enumerate(self.widths):
+            x = _max_pool_2x2(conv(width, name=f"group{i}_conv1")(x))
+            x = nn.gelu(norm(name=f"group{i}_norm1")(x))
+            x = conv(width, name=f"group{i}_conv2")(x)
+            x = nn.gelu(norm(name=f"group{i}_norm2")(x))
+        return jnp.max(x, axis=(1, 2))

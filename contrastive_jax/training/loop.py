@@ -288,6 +288,9 @@ def train_and_evaluate(config, workdir: str, *,
         if pbar is not None:
           pbar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
                            img_s=f"{rate:.0f}")
+        else:  # batch jobs: the log is the progress report
+          logging.info("step %d/%d: loss %.4f, %.0f images/s", step, steps,
+                       scalars.get("loss", float("nan")), rate)
       if eval_every and step % eval_every == 0 and step != steps:
         ev = evaluate(config, init_model, state, mesh, knn_only=True)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})

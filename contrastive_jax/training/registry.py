@@ -35,6 +35,7 @@ __all__ = [
 BACKBONES: dict[str, type[nn.Module]] = {
     "mlp": models.MLP,
     "small_cnn": models.SmallCNN,
+    "fast_cnn": models.FastCNN,
     "resnet": models.ResNet,
     "resnet18": models.ResNet18,
     "resnet34": models.ResNet34,

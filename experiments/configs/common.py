@@ -73,6 +73,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.model.backbone.startswith("resnet"):
     c.model.backbone = "resnet"
     c.model.backbone_kwargs = dict(stage_sizes=(1, 1), num_filters=8)
+  elif c.model.backbone == "fast_cnn":
+    c.model.backbone_kwargs = dict(widths=(8, 16, 16), stem_width=0)
   elif c.model.backbone == "small_cnn":
     c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=32)
   elif c.model.backbone == "conv_autoencoder":
@@ -80,4 +82,34 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.model.projection_dim:
     c.model.projection_hidden_dim = 64
     c.model.projection_dim = 32
+  return c
+
+
+def cpu_cifar(c: ml_collections.ConfigDict, *, epochs: int) -> ml_collections.ConfigDict:
+  """The 2-CPU-core CIFAR-10 recipe: a small airbench-style CNN, one view.
+
+  ``FastCNN(widths=(32, 128, 128), stem_width=0)`` trains at ~180 images/s
+  on 2 cores (the SmallCNN at ~150, a ResNet-18 at ~10), random crop + flip,
+  AdamW with warmup + cosine, no online probe (a classifier head reports).
+  """
+  c.input = "device"
+  c.data.augment = "crop_flip"
+  c.data.views = 0
+  c.data.shard_on_device = False
+  c.batch_size = 256
+  c.num_epochs = epochs
+  c.model.backbone = "fast_cnn"
+  c.model.backbone_kwargs = dict(widths=(32, 128, 128), stem_width=0)
+  c.model.classifier = True
+  c.model.online_probe = False
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.lr_batch_scaling = False
+  c.optimizer.weight_decay = 5e-2
+  c.optimizer.schedule = "warmup_cosine"
+  c.optimizer.warmup_epochs = 1.0
+  c.optimizer.warmup_steps = 0
+  c.checkpoint.every_steps = 500
+  c.log_every = 50
+  c.progress_bar = False
   return c

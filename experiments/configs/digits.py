@@ -1,31 +1,44 @@
-"""The default run: SupCon on scikit-learn's digits with a small CNN.
+"""scikit-learn's digits (8x8, embedded): the default run, and one run per config family.
 
-    python -m experiments.train                     # this config, ./workdirs/digits
-    python -m experiments.train --config=experiments/configs/digits.py \
-        --workdir=/tmp/digits --config.num_steps=600
+    python -m experiments.train                     # SupCon, ./workdirs/digits
+    python -m experiments.train --config=experiments/configs/digits.py:simclr \
+        --workdir=/tmp/digits_simclr
+    # families: supcon (default), simclr, triplet_ce, hashing, autoencoder
 
-Hardware: 2 shared CPU cores (x86-64, loaded by other jobs), 1 JAX CPU device.
-Result (2026-11-28, seed 0, 400 steps, batch 256, 1,258 train / 539 held-out
-validation images): weighted kNN (k=20) top-1 0.959 on the backbone features,
-0.976 on the projection; linear-probe top-1 0.961; online probe 0.961;
-46-52 s wall time including compilation and evaluation.
+1,258 training / 539 held-out validation images (30%, stratified). Every
+family uses ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
+2x2x64 -> 128 features) and is evaluated by weighted kNN (k=20) and a linear
+probe on those features. Results: ``experiments/RESULTS.md`` (commands and
+figures per family).
 
-The encoder is ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
-2x2x64 -> 128 features), a 2-layer BatchNorm projection head to 64-d, and the
-supervised contrastive loss (temperature 0.1) on one un-augmented view: the
-digits are too small for crops, and flips would turn a 2 into a 5. Adam 3e-3,
-warmup 40 steps then cosine.
+* ``supcon``: supervised contrastive loss (T=0.1) on a 2-layer BN projection
+  to 64-d, one view with a 1-pixel crop and +-10 degree rotation (no flips:
+  a mirrored 2 reads as a 5).
+* ``simclr``: no labels: NT-Xent (T=0.2) between two such views of each image.
+* ``triplet_ce``: batch-hard triplet loss (cosine, margin 0.2) on the
+  features + cross-entropy of a classifier head (the design documents'
+  experiment).
+* ``hashing``: a 32-bit hash head trained with SupCon + quantisation loss;
+  Hamming-ranking mAP of sign codes.
+* ``autoencoder``: convolutional autoencoder, reconstruction loss only.
 """
 
 from experiments.configs import common
 
+FAMILIES = ("supcon", "simclr", "triplet_ce", "hashing", "autoencoder")
+
 
 def get_config(arg: str | None = None):
-  del arg
+  family = arg or "supcon"
+  if family not in FAMILIES:
+    raise ValueError(f"digits config family must be one of {FAMILIES}, got {arg!r}.")
   c = common.base_config()
   c.dataset = "digits"
   c.batch_size = 256
   c.num_steps = 400
+  c.data.augment = "crop_rotate"
+  c.data.padding = 1
+  c.data.max_degrees = 10.0
   c.model.backbone = "small_cnn"
   c.model.backbone_kwargs = dict(features=(32, 64), embedding_dim=128)
   c.model.projection_dim = 64
@@ -38,4 +51,28 @@ def get_config(arg: str | None = None):
   c.checkpoint.every_steps = 200
   c.log_every = 20
   c.eval.probe_steps = 500
+  if family == "simclr":
+    c.data.views = 2
+    c.loss.name = "nt_xent"
+    c.loss.kwargs = dict(temperature=0.2)
+    c.loss.labels = "instance"
+    c.model.online_probe = True
+  elif family == "triplet_ce":
+    c.model.projection_dim = 0
+    c.model.classifier = True
+    c.model.online_probe = False
+    c.loss.name = "batch_hard_triplet"
+    c.loss.kwargs = dict(margin=0.2, metric="cosine")
+    c.loss.ce_weight = 1.0
+  elif family == "hashing":
+    c.model.hash_bits = 32
+    c.loss.kwargs = dict(temperature=0.3)
+    c.loss.quantization_weight = 0.1
+  elif family == "autoencoder":
+    c.data.augment = "none"
+    c.model.backbone = "conv_autoencoder"
+    c.model.backbone_kwargs = dict(features=(32, 64), embedding_dim=128)
+    c.model.projection_dim = 0
+    c.loss.name = ""
+    c.loss.reconstruction_weight = 1.0
   return c

@@ -16,6 +16,9 @@ report 96.0% top-1 with ResNet-50 and batch 1024).
 from experiments.configs import common
 
 
+CPU_EPOCHS = 10
+
+
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.dataset = "cifar10"
@@ -38,6 +41,11 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_epochs = 10.0
   c.checkpoint.every_steps = 2000
   c.log_every = 100
+  if arg == "cpu":
+    c = common.cpu_cifar(c, epochs=CPU_EPOCHS)
+    c.model.projection_dim = 128
+    c.model.projection_hidden_dim = 512
+    c.loss.ce_weight = 1.0
   if arg == "runlocal":
     c = common.runlocal(c)
   return c

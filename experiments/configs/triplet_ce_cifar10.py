@@ -21,6 +21,9 @@ Hardware: one accelerator or a CPU. Result: not yet measured.
 from experiments.configs import common
 
 
+CPU_EPOCHS = 10
+
+
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.dataset = "cifar10"
@@ -41,6 +44,8 @@ def get_config(arg: str | None = None):
   c.optimizer.schedule = "constant"
   c.checkpoint.every_steps = 1000
   c.log_every = 100
+  if arg == "cpu":
+    c = common.cpu_cifar(c, epochs=CPU_EPOCHS)
   if arg == "runlocal":
     c = common.runlocal(c)
   return c
