@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.models.conv import conv_general_dilated
+
 Dtype = Any
 
 
@@ -55,9 +57,9 @@ class SmallCNN(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype,
+                        conv_general_dilated=conv_general_dilated,
                         param_dtype=self.param_dtype, name=f"conv_{i}")(x)
-            x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = _max_pool_2x2(nn.relu(x))
         if self.pooling == "global":
             x = jnp.mean(x, axis=(1, 2))
         else:
@@ -114,6 +116,7 @@ class FastCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
+                                 conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=1e-5,

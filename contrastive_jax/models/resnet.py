@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.models.conv import conv_general_dilated
+
 Dtype = Any
 
 # He (Kaiming) normal with fan_out, as torchvision's ResNet initialises its
@@ -58,6 +60,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
+                                 conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         norm = _norm(train, self.axis_name, self.bn_momentum, self.dtype, self.param_dtype)
         s = (self.strides, self.strides)
@@ -99,6 +102,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
+                                 conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         norm = _norm(train, self.axis_name, self.bn_momentum, self.dtype, self.param_dtype)
         out = self.features * self.expansion
@@ -163,6 +167,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
+                                 conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         if self.stem == "cifar":
             x = conv(self.num_filters, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
