@@ -159,7 +159,8 @@ def _small_digits(**overrides):
 def test_default_digits_config_is_a_short_cpu_run():
   c = digits.get_config()
   assert c.dataset == "digits" and c.input == "device"
-  assert c.num_steps * c.batch_size <= 200_000
+  # About a minute on 2 CPU cores: 1000 steps of 256 8x8 images.
+  assert c.num_steps * c.batch_size <= 300_000
 
 
 def test_8_devices_equal_1_device(tmp_path):

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The accelerator check of issue 7 (experiments/accelerator_check.py), as the
+# GPU machine runs it, from the repository root. Extra arguments go to the
+# Python module (e.g. --parts=tiled --tiled_batches=262144).
+#
+# Prepare once, here (no GPU needed), in the repository root:
+#
+#   echo /.whl/ >> .git/info/exclude; echo /.data/ >> .git/info/exclude  # (.gitignore has them too)
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#       ml_collections==1.1.0 PyYAML==6.0.4
+#   mkdir -p .data && cp -r ../shared/data/cifar10 .data/
+#
+# ml_collections 1.1.0 (76 KB, pure Python; the version of our venv) is the
+# only package the GPU image lacks. Its wheel requires absl-py and PyYAML
+# (`unzip -p .whl/ml_collections-*.whl '*/METADATA' | grep ^Requires-Dist`),
+# and `ml_collections.config_dict` imports yaml at import time. The image
+# lists both absl-py and pyyaml (.library/device/KINDS.md); the PyYAML 6.0.4
+# cp312 manylinux wheel (849 KB) travels anyway, as insurance. The image's
+# python3 is 3.12 with jax 0.11.2, flax, optax, orbax-checkpoint, chex,
+# Pillow, scikit-learn, tensorboard, and no TensorFlow (none is needed:
+# the CIFAR part uses input="device"). .data/cifar10 is the 50,000 JPEGs
+# (46 MiB) of ../shared/data/cifar10; the working tree that travels must stay
+# under 64 MiB.
+#
+# Then one call of the device tool (the parts share a 540 s limit inside the
+# module; see RESERVE_S there):
+#
+#   run(command="bash experiments/accelerator_check.sh", carry=[".whl", ".data"], timeout_s=590)
+#
+# The table is printed at the end and written with a JSON of every number and
+# each part's log to $OUT (here: ./accelerator_check_out).
+#
+# CPU smoke test (tiny sizes, a few minutes):
+#
+#   JAX_PLATFORMS=cpu PATH=$PWD/.venv/bin:$PATH bash experiments/accelerator_check.sh \
+#       --batches=16 --steps=2 --tiled_batches=512 --block_size=128 \
+#       --config_arg=runlocal --data_dir=../shared/data --train_minutes=1
+
+cd "$(dirname "$0")/.." || exit 1
+
+if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "accelerator_check.sh: installing .whl/*.whl failed; going on with what is installed." >&2
+  fi
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if ! python3 -c "import ml_collections, jax" 2>/dev/null; then
+  echo "accelerator_check.sh: python3 cannot import ml_collections and jax:" \
+       "carry .whl (see the top of this file)." >&2
+  python3 -c "import ml_collections, jax"
+  exit 1
+fi
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+
+timeout -k 20 570 python3 -m experiments.accelerator_check \
+    --out_dir="${OUT:-./accelerator_check_out}" "$@"

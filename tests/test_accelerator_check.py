@@ -1,0 +1,112 @@
+"""experiments.accelerator_check at tiny sizes: helpers, tiled part, table."""
+
+import json
+import pathlib
+
+import pytest
+
+from experiments import accelerator_check as ac
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_flops_from_cost_analysis_shapes():
+  assert ac.flops_from_cost_analysis(None) is None
+  assert ac.flops_from_cost_analysis({"flops": 12.0}) == 12.0
+  assert ac.flops_from_cost_analysis([{"flops": 2.0}, {"flops": 3.0}]) == 5.0
+  assert ac.flops_from_cost_analysis([{}]) is None
+  assert ac.flops_from_cost_analysis({"flops": -1.0}) is None
+  assert ac.flops_from_cost_analysis([]) is None
+
+
+def test_tiled_part_tiny():
+  r = ac.tiled_value_and_grad(256, dim=8, block_size=64, budget_s=10.0)
+  assert r["finite"] and r["time_s"] > 0 and r["timed_runs"] == 2
+  assert r["block_size"] == 64 and r["batch"] == 256
+  # CPU devices keep no allocator statistics: reported as None ("n/a").
+  assert r["peak_bytes_in_use"] is None or r["peak_bytes_in_use"] > 0
+  json.dumps(r)  # everything is JSON-serialisable
+
+
+def test_min_time_single_call_when_slow():
+  calls = []
+  t, runs = ac.min_time(lambda: calls.append(1), repeats=2, budget_s=-1.0)
+  assert runs == 1 and len(calls) == 1 and t >= 0
+
+
+def test_table_formats_results_and_failures():
+  tiled = ac.tiled_value_and_grad(128, dim=4, block_size=64)
+  step = {"batch_size": 512, "views": 2, "dtype": "bfloat16", "steps": 20,
+          "step_time_s": 0.05, "images_per_s": 10240.0,
+          "views_per_s": 20480.0, "compile_s": 30.0, "flops_per_step": None,
+          "peak_tflops": 989.0, "mfu": None, "peak_bytes_in_use": None}
+  results = {
+      "meta": {"date": "today", "peak_tflops": 989.0, "jax_version": "0.x",
+               "device_kinds": {"tiled": "cpu"}},
+      "parts": {
+          "train_step": {"runs": [step, {"batch_size": 1024,
+                                         "error": "RuntimeError: OOM"}]},
+          "tiled": {"runs": [tiled, {"batch": 1 << 20, "error": "boom"}],
+                    "error": "killed after its 100 s time limit"},
+          "cifar": {"config": "experiments/configs/cifar10_gpu.py",
+                    "error": "DatasetUnavailableError: no data"},
+      }}
+  table = ac.format_table(results)
+  lines = table.strip().splitlines()
+  assert lines[0].startswith("Accelerator check") and "cpu" in lines[0]
+  rows = [l for l in lines if l.startswith("| ")]
+  assert rows[0] == "| part | setting | result | details |"
+  assert len(rows) == 1 + 2 + 3 + 1
+  assert all(r.count(" | ") == 3 for r in rows)  # 4 cells, no stray "|"
+  assert "MFU n/a" in table and "10,240 img/s" in table
+  assert "FAILED: RuntimeError: OOM" in table
+  assert "N=1,048,576" in table and "FAILED: boom" in table
+  assert "FAILED: DatasetUnavailableError" in table
+  cifar = {"result": {"config_summary": "fast_cnn", "classifier_top1": 0.9412,
+                      "knn_top1": 0.93, "linear_probe_top1": None,
+                      "epochs": 20.0, "loop_s": 61.0, "images_per_sec": 2e4,
+                      "call_wall_s": 100.0, "stopped_by_budget": True,
+                      "train_budget_s": 60.0, "step": 900,
+                      "total_steps": 1740}}
+  table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
+  assert "classifier 94.1%" in table and "linear probe n/a" in table
+  assert "stopped by the 60 s budget at step 900/1740" in table
+
+
+def test_cifar_config_variants():
+  c = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"))
+  assert c.input == "device" and c.model.dtype == "bfloat16"
+  assert c.batch_size == 512 and c.model.backbone == "fast_cnn"
+  s = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                     "sgd,runlocal")
+  assert s.optimizer.name == "sgd" and s.optimizer.nesterov
+  assert s.num_steps == 5 and s.batch_size == 32
+  with pytest.raises(ValueError):
+    ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
+
+
+def test_auto_block_size_on_cpu():
+  assert ac.auto_block_size(1 << 20) == 4096  # CPU: no memory limit known
+
+
+def test_training_budget_stops_and_evaluates(tmp_path):
+  """A zero budget stops the loop after a step or two; the checkpoint is
+  evaluated as the finished run would be (digits: no data files needed)."""
+  c = ac.load_config(str(REPO / "experiments/configs/digits.py"))
+  c.num_steps = 200
+  c.batch_size = 64
+  c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=16)
+  c.model.projection_hidden_dim = 16
+  c.model.projection_dim = 8
+  c.checkpoint.every_steps = 1000
+  c.eval.probe_steps = 2
+  c.progress_bar = False
+  c.distributed.mode = "off"
+  c.num_devices = 1
+  r = ac.cifar_run(c, str(tmp_path / "run"), train_seconds=0.0,
+                   out_dir=str(tmp_path))
+  assert r["stopped_by_budget"] and r["step"] < 200
+  assert r["evaluated_step"] == r["step"]
+  assert 0.0 <= r["knn_top1"] <= 1.0 and "linear_probe_top1" in r
+  assert r["loop_s"] is not None and r["loop_s"] <= r["call_wall_s"]
+  assert (tmp_path / "cifar_results.json").exists()
