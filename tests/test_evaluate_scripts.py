@@ -62,12 +62,13 @@ def test_evaluate_json(run, evaluated):
   assert res["num_classes"] == 10 and res["num_train"] == 1258
   n = res["num_queries"]
   assert n == 539
-  assert set(res["knn"]) == {"top1_k20", "top5_k20", "top1_k200",
-                             "top5_k200"}
+  # k = 20 and 200 always, and the config's own k (10 for digits).
+  assert set(res["knn"]) == {"top1_k10", "top5_k10", "top1_k20", "top5_k20",
+                             "top1_k200", "top5_k200"}
   assert all(_in_unit(v) for v in res["knn"].values())
   assert res["knn"]["top1_k20"] <= res["knn"]["top5_k20"]
   # The restored checkpoint gives the numbers the training run reported.
-  assert res["knn"]["top1_k20"] == pytest.approx(results["knn_top1"],
+  assert res["knn"]["top1_k10"] == pytest.approx(results["knn_top1"],
                                                  abs=1.5 / n)
   lp = res["linear_probe"]
   assert lp["top1"] == pytest.approx(results["linear_probe_top1"],
@@ -178,3 +179,24 @@ def test_hash_metrics_from_codes():
   assert h["num_bits"] == 12
   assert _in_unit(h["map"]) and 0.0 <= h["bit_balance"] <= 0.5
   assert "knn_embedding" not in res  # codes are reported as hash metrics
+
+
+def test_classifier_head_gets_recall_and_f1():
+  rng = np.random.default_rng(2)
+  train, query = _outputs(rng, 60), _outputs(rng, 30)
+  labels = np.arange(30) % 3
+  # Right on classes 0 and 1, always "0" on class 2: recall 1, 1, 0.
+  pred = np.where(labels == 2, 0, labels)
+  query["logits"] = np.eye(3, dtype=np.float32)[pred]
+  train["logits"] = np.eye(3, dtype=np.float32)[np.arange(60) % 3]
+  res = report.compute_metrics(train, np.arange(60) % 3, query, labels,
+                               num_classes=3, knn_ks=(5,), probe_steps=20)
+  c = res["classifier_classification"]
+  assert res["heads"]["classifier_top1"] == pytest.approx(2 / 3)
+  assert c["accuracy"] == pytest.approx(2 / 3)
+  assert c["macro_recall"] == pytest.approx(2 / 3)
+  # F1: class 0 has precision 1/2, recall 1 -> 2/3; class 1: 1; class 2: 0.
+  assert c["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+  assert "classifier accuracy / macro recall / F1" in report.format_table(
+      {"dataset": "x", "split": "validation", "num_queries": 30, "num_train": 60,
+       "step": 1, **res})

@@ -348,7 +348,9 @@ def compute_metrics(train: Mapping[str, np.ndarray], train_labels,
     model has them, ``knn_embedding`` and ``retrieval_embedding`` (on the
     loss embedding when it is not the features), ``hash`` (``map``,
     ``bit_balance`` of the database codes, ``bit_balance_queries``,
-    ``num_bits``) and ``heads`` (``classifier_top1``, ``online_probe_top1``).
+    ``num_bits``), ``heads`` (``classifier_top1``, ``online_probe_top1``) and
+    ``classifier_classification`` (metrics of the classifier head's
+    predictions).
 
   Raises:
     EvaluationError: non-finite rows (the message says how many).
@@ -392,6 +394,12 @@ def compute_metrics(train: Mapping[str, np.ndarray], train_labels,
       heads[name] = float(np.mean(np.argmax(query[key], -1) == query_labels))
   if heads:
     res["heads"] = heads
+  if "logits" in query:
+    # The classifier head is the model's own prediction (triplet + CE): its
+    # macro recall / F1 are the figures to set beside a supervised baseline.
+    res["classifier_classification"] = evaluation.classification_metrics(
+        query_labels, np.argmax(query["logits"], axis=1),
+        class_names=class_names)
   return res
 
 
@@ -429,6 +437,8 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
   metrics = compute_metrics(
       p.train, p.train_labels, p.query, p.query_labels,
       num_classes=p.num_classes, class_names=p.class_names,
+      # The run's own k too, so its results.json figure is reproduced.
+      knn_ks=tuple(sorted({*KNN_KS, int(ec.get("knn_k", 20))})),
       knn_temperature=float(ec.get("knn_temperature", 0.07)),
       probe_steps=int(ec.get("probe_steps", 500)),
       probe_learning_rate=float(ec.get("probe_learning_rate", 1e-3)))
@@ -485,6 +495,10 @@ def format_table(result: Mapping[str, Any]) -> str:
            "online_probe_top1": "online probe top-1"}
   for name, value in result.get("heads", {}).items():
     lines.append(row(names.get(name, name), value))
+  c = result.get("classifier_classification")
+  if c:
+    lines.append(row("classifier accuracy / macro recall / F1", c["accuracy"],
+                     c["macro_recall"], c["macro_f1"]))
   return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ Hardware: one accelerator or a CPU. Result: not yet measured.
 from experiments.configs import common
 
 
-CPU_EPOCHS = 10
+CPU_EPOCHS = 20
 
 
 def get_config(arg: str | None = None):
