@@ -7,7 +7,7 @@
 
 1,258 training / 539 held-out validation images (30%, stratified). Every
 family uses ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
-2x2x64 -> 128 features) and is evaluated by weighted kNN (k=20) and a linear
+2x2x64 -> 128 features), SupCon the wider ``features=(64, 128)``, and is evaluated by weighted kNN (k=20) and a linear
 probe on those features. Results: ``experiments/RESULTS.md`` (commands and
 figures per family). kNN uses k = 10: with ~125 references per class, k = 20
 (solo-learn's CIFAR value, 5,000 per class) averages over too wide a
@@ -43,7 +43,8 @@ def get_config(arg: str | None = None):
   c.data.padding = 1
   c.data.max_degrees = 10.0
   c.model.backbone = "small_cnn"
-  c.model.backbone_kwargs = dict(features=(32, 64), embedding_dim=128)
+  # SupCon (the default) gets the wider CNN: 99.3% vs 98.7-99.1% kNN.
+  c.model.backbone_kwargs = dict(features=(64, 128), embedding_dim=128)
   c.model.projection_dim = 64
   c.model.projection_hidden_dim = 128
   c.loss.name = "supervised_contrastive"
@@ -56,6 +57,9 @@ def get_config(arg: str | None = None):
   c.eval.probe_steps = 500
   # ~125 references per class (CIFAR-10 has 5,000): k = 10, not CIFAR's 20.
   c.eval.knn_k = 10
+  narrow = dict(features=(32, 64), embedding_dim=128)
+  if family != "supcon":
+    c.model.backbone_kwargs = narrow
   if family == "simclr":
     c.batch_size = 512
     c.data.views = 2
