@@ -11,6 +11,12 @@ weight decay 1e-4, 10 warmup epochs + cosine, batch 512, 500 epochs.
 Hardware: one accelerator or more. Result: not yet measured (Khosla et al.
 report 96.0% top-1 with ResNet-50 and batch 1024).
 ``runlocal``: a tiny ResNet, 5 steps of batch 32.
+
+``cpu``: the 2-core CPU recipe (``common.cpu_cifar``): SupCon on a 512 -> 128
+projection of one crop + flip view (the labels provide the positives) plus
+cross-entropy of a classifier head, on ``FastCNN(widths=(32, 128, 128),
+stem_width=0)``, 10 epochs. Result: not yet measured (a run was stopped at
+step 522 of 1,750 to free the CPU).
 """
 
 from experiments.configs import common

@@ -14,8 +14,19 @@ logits), and called a triplet loss that expects (anchor, positive, negative)
 triplets with labels (now a mining loss takes ``(embeddings, labels)``).
 Adam 1e-3, batch 128, 50 epochs, crop + flip.
 
-Hardware: one accelerator or a CPU. Result: not yet measured.
+Hardware: one accelerator or a CPU. Result of this recipe: not yet measured.
 ``runlocal``: a narrower CNN, 5 steps of batch 32.
+
+``cpu``: the 2-core CPU recipe (``common.cpu_cifar``): the same losses on
+``FastCNN(widths=(32, 128, 128), stem_width=0)``, batch 256, AdamW 3e-3 with
+warmup + cosine, 20 epochs, on-device crop + flip::
+
+    python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py:cpu \
+        --config.data_dir=../shared/data --workdir=/tmp/triplet_ce_cpu
+
+Result (2026-11-29, 2 shared CPU cores, seed 0): with 10 epochs, 83.1%
+validation accuracy (classifier head; macro recall 83.1%, macro F1 83.1%),
+37.5 minutes of training; 20 epochs: see experiments/RESULTS.md.
 """
 
 from experiments.configs import common
