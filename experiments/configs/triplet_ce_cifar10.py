@@ -26,7 +26,8 @@ warmup + cosine, 20 epochs, on-device crop + flip::
 
 Result (2026-11-29, 2 shared CPU cores, seed 0): with 10 epochs, 83.1%
 validation accuracy (classifier head; macro recall 83.1%, macro F1 83.1%),
-37.5 minutes of training; 20 epochs: see experiments/RESULTS.md.
+37.5 minutes of training; 20 epochs: 86.26% (macro recall 86.26%, macro
+F1 86.26%; kNN 85.96%, linear probe 85.38%), 74 minutes at 209 images/s.
 """
 
 from experiments.configs import common
