@@ -659,6 +659,20 @@ def _batch_list(values) -> list[int]:
   return [int(str(v).replace("_", "")) for v in values]
 
 
+def _sweep(res: dict, part: str, sizes, size_key: str, measure, save) -> None:
+  """``measure(size)`` for each size into ``res["runs"]``; a failure is a row."""
+  res["runs"] = []
+  for size in sizes:
+    try:
+      r = measure(size)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      r = {size_key: size, "error": _err(e)}
+    res["runs"].append(r)
+    print(f"[{part}] {json.dumps(r, default=str)}", flush=True)
+    save(res)
+
+
 def run_part(part: str, *, out_dir: str, cifar_train_s: float,
              save: Callable[[dict], None] = lambda r: None) -> dict:
   """Runs one part here; ``save`` gets the partial result after each item."""
@@ -671,30 +685,18 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
     return res
   save(res)
   if part == "train_step":
-    res["runs"] = []
-    for b in _batch_list(_BATCHES.value):
-      try:
-        r = train_step_throughput(b, steps=_STEPS.value, dtype=_DTYPE.value,
-                                  peak_tflops=_PEAK_TFLOPS.value)
-      except Exception as e:  # pylint: disable=broad-except
-        traceback.print_exc()
-        r = {"batch_size": b, "error": _err(e)}
-      res["runs"].append(r)
-      print(f"[train_step] {json.dumps(r, default=str)}", flush=True)
-      save(res)
+    _sweep(res, part, _batch_list(_BATCHES.value), "batch_size",
+           lambda b: train_step_throughput(b, steps=_STEPS.value,
+                                           dtype=_DTYPE.value,
+                                           peak_tflops=_PEAK_TFLOPS.value),
+           save)
   elif part == "tiled":
-    res["runs"] = []
-    for n in _batch_list(_TILED_BATCHES.value):
-      try:
-        r = tiled_value_and_grad(n, dim=_DIM.value, block_size=_BLOCK.value,
-                                 dtype=_TILED_DTYPE.value,
-                                 budget_s=_TILED_BUDGET.value)
-      except Exception as e:  # pylint: disable=broad-except
-        traceback.print_exc()
-        r = {"batch": n, "error": _err(e)}
-      res["runs"].append(r)
-      print(f"[tiled] {json.dumps(r, default=str)}", flush=True)
-      save(res)
+    _sweep(res, part, _batch_list(_TILED_BATCHES.value), "batch",
+           lambda n: tiled_value_and_grad(n, dim=_DIM.value,
+                                          block_size=_BLOCK.value,
+                                          dtype=_TILED_DTYPE.value,
+                                          budget_s=_TILED_BUDGET.value),
+           save)
   elif part == "cifar":
     res["config"] = f"{os.path.relpath(_CONFIG.value, REPO_ROOT)}" + (
         f":{_CONFIG_ARG.value}" if _CONFIG_ARG.value else "")
