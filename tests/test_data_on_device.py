@@ -191,6 +191,21 @@ def test_augment_distribution_simclr():
   check_simclr_distribution(*simclr_stats(v, g))
 
 
+def test_simclr_in_chunks_matches_one_batch(monkeypatch):
+  # 11 images x 2 views = 22 rows: five chunks of 4 and a remainder of 2.
+  monkeypatch.setattr(aj, "_CPU_CHUNK", 4)
+  imgs = _images(22)
+  u = np.random.RandomState(3).rand(22, aj.num_uniforms("simclr")).astype(
+      np.float32)
+  fn = lambda x, u: aj._simclr_views(x, u, strength=0.5)
+  whole = jax.jit(fn)(imgs, u)
+  chunked = jax.jit(lambda x, u: aj._in_chunks(fn, x, u))(imgs, u)
+  np.testing.assert_allclose(chunked, whole, atol=1e-6)
+  if jax.default_backend() == "cpu":
+    lowered = jax.jit(lambda x, u: aj._in_chunks(fn, x, u)).lower(imgs, u)
+    assert "while" in lowered.as_text()  # the chunked path really ran
+
+
 def test_augment_bad_inputs():
   with pytest.raises(ValueError, match="augment must be one of"):
     aj.augment_views(jax.random.key(0), _images(2), augment="blur")

@@ -36,7 +36,8 @@ multiplies by a small per-example column-interpolation matrix; colour ops run
 on planar ``[N, C, H * W]`` data so that per-pixel channel max/min vectorise;
 and each colour-jitter stage is materialised before the next (see
 ``_materialize``) because XLA would otherwise fuse -- and recompute -- every
-stage into each consumer of the next.
+stage into each consumer of the next; and the SimCLR set runs in chunks of
+256 views (``_in_chunks``) that stay in cache through all its passes.
 """
 
 from __future__ import annotations
@@ -569,19 +570,49 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
       angles = (2.0 * u[:, 3] - 1.0) * (max_degrees * math.pi / 180.0)
       x = affine_resample(x, rotation_transforms(angles, height, width))
   else:  # simclr
-    slots = _SIMCLR_SLOTS
-    y0, x0, h, w = resized_crop_boxes(u[:, slots["scale"]],
-                                      u[:, slots["log_ratio"]], u[:, slots["y"]],
-                                      u[:, slots["x"]], height, width)
-    ys, xs = box_positions(y0, x0, h, w, u[:, slots["flip"]] < 0.5, height,
-                           width)
-    x = _planar(resample(x, ys, xs))
-    x = _jitter_planar(x, u[:, slots["factors"]], u[:, slots["order"]],
-                       strength=strength,
-                       apply=u[:, slots["jitter"]] < JITTER_PROB,
-                       gray=u[:, slots["gray"]] < GRAYSCALE_PROB)
-    x = _unplanar(x, (b * views, height, width, c))
+    x = _in_chunks(functools.partial(_simclr_views, strength=strength), x, u)
   return x.reshape(b, views, height, width, c)
+
+
+# Views per chunk of the SimCLR augmentation on CPU: ~3 MB of float32 32x32x3
+# views, so that the crop and the five jitter passes work in cache rather than
+# streaming the whole batch through memory each time (1.3-1.5x at 1,000 views).
+_CPU_CHUNK = 256
+
+
+def _in_chunks(fn, x, u):
+  """``fn(x, u)`` over ``_CPU_CHUNK``-row chunks on CPU (``lax.map``).
+
+  Elsewhere (GPU/TPU) one batched call is faster; the rows are independent, so
+  the result is the same either way.
+  """
+  n = x.shape[0]
+  k = _CPU_CHUNK
+  if jax.default_backend() != "cpu" or n < 2 * k:
+    return fn(x, u)
+  m = n - n % k
+  body = jax.lax.map(lambda a: fn(*a), (x[:m].reshape(m // k, k, *x.shape[1:]),
+                                       u[:m].reshape(m // k, k, -1)))
+  body = body.reshape(m, *body.shape[2:])
+  return body if m == n else jnp.concatenate([body, fn(x[m:], u[m:])])
+
+
+def _simclr_views(x, u, *, strength: float):
+  """SimCLR's augmentation of ``x [N, H, W, C]`` with uniforms ``u [N, K]``."""
+  shape = x.shape
+  height, width = shape[1:3]
+  slots = _SIMCLR_SLOTS
+  y0, x0, h, w = resized_crop_boxes(u[:, slots["scale"]],
+                                    u[:, slots["log_ratio"]], u[:, slots["y"]],
+                                    u[:, slots["x"]], height, width)
+  ys, xs = box_positions(y0, x0, h, w, u[:, slots["flip"]] < 0.5, height,
+                         width)
+  x = _planar(resample(x, ys, xs))
+  x = _jitter_planar(x, u[:, slots["factors"]], u[:, slots["order"]],
+                     strength=strength,
+                     apply=u[:, slots["jitter"]] < JITTER_PROB,
+                     gray=u[:, slots["gray"]] < GRAYSCALE_PROB)
+  return _unplanar(x, shape)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -22,7 +22,7 @@ step 522 of 1,750 to free the CPU).
 from experiments.configs import common
 
 
-CPU_EPOCHS = 10
+CPU_EPOCHS = 20
 
 
 def get_config(arg: str | None = None):
