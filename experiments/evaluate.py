@@ -3,6 +3,7 @@
     python -m experiments.evaluate --workdir=workdirs/digits
     python -m experiments.evaluate --workdir=/tmp/simclr --split=test \
         --data_dir=../shared/data
+    python -m experiments.evaluate --workdir=/tmp/triplet_ce --tta_flip
 
 Queries come from --split, references (kNN, linear-probe training, hash
 database) from the training split. Reports weighted kNN (k = 20, 200) and
@@ -31,6 +32,11 @@ _SPLIT = flags.DEFINE_string("split", "validation",
                              "Query split: 'validation' or 'test'.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Where the images are; default: the run's data_dir.")
+_TTA_FLIP = flags.DEFINE_bool(
+    "tta_flip", False,
+    "Average each image's outputs with its mirror image's (test-time"
+    " augmentation; for models trained with flips). Writes"
+    " <split>_tta_flip.json.")
 
 
 def main(argv):
@@ -41,12 +47,15 @@ def main(argv):
   from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   try:
     result = report.evaluate_workdir(_WORKDIR.value, _SPLIT.value,
-                                     data_dir=_DATA_DIR.value)
+                                     data_dir=_DATA_DIR.value,
+                                     tta_flip=_TTA_FLIP.value)
   except report.EvaluationError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(report.format_table(result))
-  print(f"wrote {report.eval_path(_WORKDIR.value, _SPLIT.value)}")
+  path = report.eval_path(_WORKDIR.value, _SPLIT.value,
+                          tta_flip=_TTA_FLIP.value)
+  print(f"wrote {path}")
   return 0
 
 

@@ -95,6 +95,39 @@ def test_evaluate_json(run, evaluated):
   assert "kNN k=20 top-1 / top-5" in table and "MAP@R" in table
 
 
+def test_tta_flip(run, evaluated):
+  workdir, _, prepared = run
+  images = prepared.query_images[:64]
+  mirrored = images[:, :, ::-1]
+  tta = report.embed_outputs(prepared.run, images, tta_flip=True)
+  plain = report.embed_outputs(prepared.run, images)
+  # A flip-averaged output cannot tell an image from its mirror image...
+  tta_m = report.embed_outputs(prepared.run, mirrored, tta_flip=True)
+  for key in tta:
+    np.testing.assert_allclose(tta[key], tta_m[key], rtol=1e-4, atol=1e-5)
+  # ...is the plain output for a mirror-symmetric image...
+  sym = np.concatenate([images[:, :, :4], images[:, :, 3::-1]], axis=2)
+  sym_tta = report.embed_outputs(prepared.run, sym, tta_flip=True)
+  sym_plain = report.embed_outputs(prepared.run, sym)
+  for key in sym_tta:
+    np.testing.assert_allclose(sym_tta[key], sym_plain[key], rtol=1e-4,
+                               atol=1e-5)
+  # ...and differs from the plain output for the (asymmetric) digits.
+  assert not np.allclose(tta["features"], plain["features"])
+  res = report.evaluate_workdir(workdir, "validation", tta_flip=True)
+  assert res["tta_flip"] is True and evaluated["tta_flip"] is False
+  with open(report.eval_path(workdir, "validation", tta_flip=True)) as f:
+    assert json.load(f) == res
+  with open(report.eval_path(workdir, "validation")) as f:
+    assert json.load(f) == evaluated  # the plain report is kept
+  assert "flip test-time augmentation" in report.format_table(res)
+  with pytest.raises(ValueError, match="tta_flip"):
+    report.evaluate_workdir(workdir, "validation", prepared=prepared,
+                            tta_flip=True)
+  with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+    report.embed_outputs(prepared.run, images[:, 0], tta_flip=True)
+
+
 def test_visualize_pngs(run, evaluated):
   del evaluated  # the confusion matrix comes from eval/validation.json
   workdir, _, prepared = run

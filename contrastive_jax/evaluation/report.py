@@ -113,6 +113,7 @@ class Prepared:
   query_images: np.ndarray
   num_classes: int
   class_names: list[str]
+  tta_flip: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -216,13 +217,28 @@ def load_run(workdir: str, *, data_dir: str | None = None,
              mesh=mesh, step=int(step), num_classes=int(num_classes))
 
 
-def embed_outputs(run: Run, images: np.ndarray) -> dict[str, np.ndarray]:
-  """The model's evaluated outputs (float32) for ``images``, in eval mode."""
-  return loop.model_outputs(run.model, run.variables, images,
-                           keys=_OUTPUT_KEYS,
-                           batch_size=int(run.config.eval.get("batch_size",
-                                                              512)),
-                           mesh=run.mesh)
+def embed_outputs(run: Run, images: np.ndarray, *,
+                  tta_flip: bool = False) -> dict[str, np.ndarray]:
+  """The model's evaluated outputs (float32) for ``images``, in eval mode.
+
+  ``tta_flip``: test-time augmentation by horizontal flip, as airbench
+  evaluates: features, embeddings and logits are the mean of the outputs for
+  each image and its mirror image (hash ``codes`` stay those of the image:
+  averaging signs would give zero bits). Only meaningful for models trained
+  with flips.
+  """
+  outputs = lambda x: loop.model_outputs(
+      run.model, run.variables, x, keys=_OUTPUT_KEYS,
+      batch_size=int(run.config.eval.get("batch_size", 512)), mesh=run.mesh)
+  if tta_flip and np.ndim(images) != 4:
+    raise ValueError("tta_flip needs images of shape [N, H, W, C], got"
+                     f" {np.shape(images)}.")
+  out = outputs(images)
+  if tta_flip:
+    mirrored = outputs(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
+    out = {k: v if k == "codes" else (v + mirrored[k]) / 2.0
+           for k, v in out.items()}
+  return out
 
 
 def check_finite(outputs: Mapping[str, np.ndarray], what: str) -> None:
@@ -256,8 +272,11 @@ def class_names_for(config, num_classes: int) -> list[str]:
 
 
 def prepare(workdir: str, split: str = "validation", *,
-            data_dir: str | None = None) -> Prepared:
+            data_dir: str | None = None, tta_flip: bool = False) -> Prepared:
   """Restores ``workdir``'s run and embeds its training split and ``split``.
+
+  ``tta_flip``: both splits are embedded with flip test-time augmentation
+  (see ``embed_outputs``).
 
   Raises:
     EvaluationError: see ``load_run``; ``split`` not in ``EVAL_SPLITS`` or
@@ -275,16 +294,17 @@ def prepare(workdir: str, split: str = "validation", *,
   run = load_run(workdir, data_dir=data_dir,
                  num_classes=int(train_labels.max()) + 1,
                  image_shape=train_images.shape[1:])
-  train = embed_outputs(run, train_images)
+  train = embed_outputs(run, train_images, tta_flip=tta_flip)
   check_finite(train, f"training-split outputs of checkpoint {run.step}:")
-  query = embed_outputs(run, query_images)
+  query = embed_outputs(run, query_images, tta_flip=tta_flip)
   check_finite(query, f"{split}-split outputs of checkpoint {run.step}:")
   num_classes = max(run.num_classes, int(query_labels.max()) + 1)
   return Prepared(run=run, split=split, train=train, train_labels=train_labels,
                   train_images=train_images, query=query,
                   query_labels=query_labels, query_images=query_images,
                   num_classes=num_classes,
-                  class_names=class_names_for(run.config, num_classes))
+                  class_names=class_names_for(run.config, num_classes),
+                  tta_flip=tta_flip)
 
 
 # ----------------------------------------------------------------------------
@@ -416,23 +436,30 @@ def _json_safe(obj):
   return obj
 
 
-def eval_path(workdir: str, split: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "eval", f"{split}.json")
+def eval_path(workdir: str, split: str, *, tta_flip: bool = False) -> str:
+  name = f"{split}_tta_flip.json" if tta_flip else f"{split}.json"
+  return os.path.join(os.path.abspath(workdir), "eval", name)
 
 
 def evaluate_workdir(workdir: str, split: str = "validation", *,
                      data_dir: str | None = None,
-                     prepared: Prepared | None = None) -> dict[str, Any]:
+                     prepared: Prepared | None = None,
+                     tta_flip: bool = False) -> dict[str, Any]:
   """Computes every metric of ``workdir``'s latest checkpoint on ``split``.
 
-  Writes ``workdir/eval/<split>.json`` (NaN written as null) and returns the
-  same dict: ``workdir``, ``split``, ``step``, ``dataset``, ``num_train``,
+  Writes ``workdir/eval/<split>.json`` (``<split>_tta_flip.json`` with
+  ``tta_flip``; NaN written as null) and returns the same dict: ``workdir``,
+  ``split``, ``step``, ``dataset``, ``tta_flip``, ``num_train``,
   ``num_queries``, ``num_classes`` and the entries of ``compute_metrics``.
 
   Raises:
     EvaluationError: see ``prepare``.
+    ValueError: ``prepared`` was made with another ``tta_flip``.
   """
-  p = prepared or prepare(workdir, split, data_dir=data_dir)
+  p = prepared or prepare(workdir, split, data_dir=data_dir, tta_flip=tta_flip)
+  if p.tta_flip != tta_flip:
+    raise ValueError(f"prepared has tta_flip={p.tta_flip}, asked for"
+                     f" tta_flip={tta_flip}.")
   ec = p.run.config.eval
   metrics = compute_metrics(
       p.train, p.train_labels, p.query, p.query_labels,
@@ -444,11 +471,11 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
       probe_learning_rate=float(ec.get("probe_learning_rate", 1e-3)))
   result = _json_safe({
       "workdir": p.run.workdir, "split": p.split, "step": p.run.step,
-      "dataset": p.run.config.dataset,
+      "dataset": p.run.config.dataset, "tta_flip": bool(tta_flip),
       "num_train": int(p.train_labels.shape[0]),
       "num_queries": int(p.query_labels.shape[0]),
       "num_classes": p.num_classes, **metrics})
-  path = eval_path(p.run.workdir, p.split)
+  path = eval_path(p.run.workdir, p.split, tta_flip=tta_flip)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   loop.write_json(path, result)
   return result
@@ -465,7 +492,9 @@ def format_table(result: Mapping[str, Any]) -> str:
 
   lines = [f"{result['dataset']} {result['split']}: {result['num_queries']}"
            f" queries, {result['num_train']} training references,"
-           f" checkpoint step {result['step']}"]
+           f" checkpoint step {result['step']}"
+           + (", flip test-time augmentation" if result.get("tta_flip")
+              else "")]
   for prefix, key in (("kNN", "knn"), ("kNN (loss embedding)",
                                        "knn_embedding")):
     for name, value in result.get(key, {}).items():
