@@ -15,23 +15,13 @@ and, for hashing models, Hamming-ranking mAP and bit balance. Writes
 ``contrastive_jax.evaluation.report``; this file only reads flags.
 """
 
-import os
 import sys
 
-# Before scikit-learn loads OpenMP: spinning OpenMP workers make t-SNE and
-# k-means 5-10x slower on a CPU shared with other jobs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import _workdir_flags as wf  # before scikit-learn loads
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.",
-                               required=True)
-_SPLIT = flags.DEFINE_string("split", "validation",
-                             "Query split: 'validation' or 'test'.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Where the images are; default: the run's data_dir.")
 _TTA_FLIP = flags.DEFINE_bool(
     "tta_flip", False,
     "Average each image's outputs with its mirror image's (test-time"
@@ -42,18 +32,17 @@ _TTA_FLIP = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
-    logging.set_verbosity(logging.WARNING)
+  wf.quiet_logging()
   from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   try:
-    result = report.evaluate_workdir(_WORKDIR.value, _SPLIT.value,
-                                     data_dir=_DATA_DIR.value,
+    result = report.evaluate_workdir(wf.WORKDIR.value, wf.SPLIT.value,
+                                     data_dir=wf.DATA_DIR.value,
                                      tta_flip=_TTA_FLIP.value)
   except report.EvaluationError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(report.format_table(result))
-  path = report.eval_path(_WORKDIR.value, _SPLIT.value,
+  path = report.eval_path(wf.WORKDIR.value, wf.SPLIT.value,
                           tta_flip=_TTA_FLIP.value)
   print(f"wrote {path}")
   return 0

@@ -14,23 +14,13 @@ Uses the latest checkpoint; the confusion matrix is taken from
 checkpoint. The logic is in ``contrastive_jax.evaluation.report``.
 """
 
-import os
 import sys
 
-# Before scikit-learn loads OpenMP: spinning OpenMP workers make t-SNE and
-# k-means 5-10x slower on a CPU shared with other jobs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import _workdir_flags as wf  # before scikit-learn loads
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.",
-                               required=True)
-_SPLIT = flags.DEFINE_string("split", "validation",
-                             "Query split: 'validation' or 'test'.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Where the images are; default: the run's data_dir.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 10,
                                     "Rows of the nearest-neighbour grid.")
 
@@ -38,12 +28,11 @@ _NUM_QUERIES = flags.DEFINE_integer("num_queries", 10,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
-    logging.set_verbosity(logging.WARNING)
+  wf.quiet_logging()
   from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   try:
-    paths = report.plot_workdir(_WORKDIR.value, _SPLIT.value,
-                                data_dir=_DATA_DIR.value,
+    paths = report.plot_workdir(wf.WORKDIR.value, wf.SPLIT.value,
+                                data_dir=wf.DATA_DIR.value,
                                 num_queries=_NUM_QUERIES.value)
   except report.EvaluationError as e:
     print(f"error: {e}", file=sys.stderr)

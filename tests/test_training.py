@@ -325,3 +325,18 @@ def test_tf_input_path_one_step(tmp_path):
   c.batch_size = 32
   res = training.train_and_evaluate(c, str(tmp_path))
   assert res["step"] == 1 and 0.0 <= res["knn_top1"] <= 1.0
+
+
+def test_guard_traces_counts_per_function():
+  from contrastive_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  make = lambda: jax.jit(step_lib.guard_traces(
+      lambda state, x: (state, x * 2), max_traces=1, name="the step"))
+  f, g = make(), make()
+  for _ in range(3):  # same shapes: one trace
+    f(0, np.ones(3, np.float32))
+  g(0, np.ones(3, np.float32))  # another object: its own count
+  with pytest.raises(training.RetraceError,
+                     match=r"traced 2 times.*float32\[4\]"):
+    f(0, np.ones(4, np.float32))
+  # Every train_and_evaluate above also ran the real step under this guard
+  # (max_traces=1), so none of them recompiled it.

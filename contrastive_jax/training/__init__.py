@@ -25,6 +25,7 @@ from contrastive_jax.training.registry import build_model
 from contrastive_jax.training.registry import get_loss
 from contrastive_jax.training.state import TrainState
 from contrastive_jax.training.state import create_train_state
+from contrastive_jax.training.step import RetraceError
 from contrastive_jax.training.step import make_train_step
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ContrastiveModel",
     "IncompatibleCheckpointError",
     "NonFiniteLossError",
+    "RetraceError",
     "TrainState",
     "build_model",
     "create_train_state",

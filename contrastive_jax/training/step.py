@@ -25,6 +25,7 @@ carried in the state, so a resumed step draws what the uninterrupted one did.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -39,7 +40,8 @@ from contrastive_jax import models
 from contrastive_jax.training import registry
 from contrastive_jax.training.state import TrainState
 
-__all__ = ["AXIS", "make_train_step", "flatten_views"]
+__all__ = ["AXIS", "RetraceError", "flatten_views", "guard_traces",
+           "make_train_step"]
 
 AXIS = "data"
 
@@ -66,10 +68,40 @@ def _accuracy(logits, labels):
   return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
 
 
+class RetraceError(RuntimeError):
+  """A guarded jitted function was traced (and compiled) more often than allowed."""
+
+
+def guard_traces(fn: Callable, *, max_traces: int, name: str) -> Callable:
+  """``fn`` that raises ``RetraceError`` when traced more than ``max_traces`` times.
+
+  Wrap the Python function before ``jax.jit``: jit calls it only to trace,
+  so the count is the number of compilations. Same purpose as
+  ``chex.assert_max_traces``, but counted per wrapped object: chex keys its
+  counter by where the function is defined, so a second training run in the
+  same process (a sweep, a notebook, the tests) would trip it.
+  """
+  count = 0
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    nonlocal count
+    count += 1
+    if count > max_traces:
+      shapes = jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", args[1:])
+      raise RetraceError(
+          f"{name} was traced {count} times (at most {max_traces} allowed):"
+          " each trace recompiles it. Its inputs changed shape, dtype or"
+          f" structure between calls; this call got {shapes}.")
+    return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], config,
-                    mesh: Mesh) -> Callable[[TrainState, dict],
-                                            tuple[TrainState, dict]]:
+                    mesh: Mesh, *, max_traces: int = 1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Jitted ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
   Args:
@@ -78,6 +110,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
     schedule: learning rate by step (reported in the metrics).
     config: the run's config (``loss``, ``model``, ``batch_size``).
     mesh: a mesh with a ``"data"`` axis.
+    max_traces: compilations allowed before ``RetraceError`` (every batch
+      has the same shapes, so one).
 
   Returns:
     The step. ``batch`` is ``{"image": [B, (V,) H, W, C], "label": [B]}``
@@ -186,4 +220,5 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=0)
+  return jax.jit(guard_traces(sharded, max_traces=max_traces,
+                              name="the train step"), donate_argnums=0)
