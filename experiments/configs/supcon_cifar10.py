@@ -15,8 +15,14 @@ report 96.0% top-1 with ResNet-50 and batch 1024).
 ``cpu``: the 2-core CPU recipe (``common.cpu_cifar``): SupCon on a 512 -> 128
 projection of one crop + flip view (the labels provide the positives) plus
 cross-entropy of a classifier head, on ``FastCNN(widths=(32, 128, 128),
-stem_width=0)``, 10 epochs. Result: not yet measured (a run was stopped at
-step 522 of 1,750 to free the CPU).
+stem_width=0)``, 20 epochs (3,500 steps of 256)::
+
+    python -m experiments.train --config=experiments/configs/supcon_cifar10.py:cpu \
+        --config.data_dir=../shared/data --workdir=/tmp/supcon_cifar10_cpu
+
+Result (2026-11-29, 2 CPU cores, 77 min, ~200 images/s): 86.46% validation
+accuracy (classifier head), kNN 86.38%, linear probe 85.72%; see
+experiments/RESULTS.md for recall / F1 and flip test-time augmentation.
 """
 
 from experiments.configs import common
