@@ -576,7 +576,8 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
 
 # Views per chunk of the SimCLR augmentation on CPU: ~3 MB of float32 32x32x3
 # views, so that the crop and the five jitter passes work in cache rather than
-# streaming the whole batch through memory each time (1.3-1.5x at 1,000 views).
+# streaming the whole batch through memory each time (1,000 views: 22.6 ->
+# 17.5 ms on an idle 2-core CPU; experiments/benchmarks/INPUT_PIPELINE.md).
 _CPU_CHUNK = 256
 
 

@@ -79,7 +79,8 @@ def guard_traces(fn: Callable, *, max_traces: int, name: str) -> Callable:
   so the count is the number of compilations. Same purpose as
   ``chex.assert_max_traces``, but counted per wrapped object: chex keys its
   counter by where the function is defined, so a second training run in the
-  same process (a sweep, a notebook, the tests) would trip it.
+  same process (a sweep, a notebook, the tests) would trip it. The error
+  names the shapes of the arguments after the first (the state).
   """
   count = 0
 
