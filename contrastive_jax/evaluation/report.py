@@ -227,18 +227,10 @@ def embed_outputs(run: Run, images: np.ndarray, *,
   averaging signs would give zero bits). Only meaningful for models trained
   with flips.
   """
-  outputs = lambda x: loop.model_outputs(
-      run.model, run.variables, x, keys=_OUTPUT_KEYS,
-      batch_size=int(run.config.eval.get("batch_size", 512)), mesh=run.mesh)
-  if tta_flip and np.ndim(images) != 4:
-    raise ValueError("tta_flip needs images of shape [N, H, W, C], got"
-                     f" {np.shape(images)}.")
-  out = outputs(images)
-  if tta_flip:
-    mirrored = outputs(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
-    out = {k: v if k == "codes" else (v + mirrored[k]) / 2.0
-           for k, v in out.items()}
-  return out
+  return loop.model_outputs(
+      run.model, run.variables, images, keys=_OUTPUT_KEYS,
+      batch_size=int(run.config.eval.get("batch_size", 512)), mesh=run.mesh,
+      tta_flip=tta_flip)
 
 
 def check_finite(outputs: Mapping[str, np.ndarray], what: str) -> None:

@@ -149,11 +149,29 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
   return res
 
 
-def model_outputs(model, variables, images, *, keys, batch_size: int, mesh):
-  """The model's eval-mode outputs named in ``keys`` (float32) for ``images``."""
-  def forward(v, x):
+def model_outputs(model, variables, images, *, keys, batch_size: int, mesh,
+                  tta_flip: bool = False):
+  """The model's eval-mode outputs named in ``keys`` (float32) for ``images``.
+
+  ``tta_flip``: flip test-time augmentation; every output but hash ``codes``
+  (averaged signs would be zero bits) is the mean of the outputs for the
+  image and its mirror image, both computed on device in the same pass.
+  """
+  if tta_flip and np.ndim(images) != 4:
+    raise ValueError("tta_flip needs images of shape [N, H, W, C], got"
+                     f" {np.shape(images)}.")
+
+  def apply(v, x):
     out = model.apply(v, x, train=False)
     return {k: out[k].astype(jnp.float32) for k in keys if k in out}
+
+  def forward(v, x):
+    out = apply(v, x)
+    if tta_flip:
+      mirrored = apply(v, x[:, :, ::-1])
+      out = {k: o if k == "codes" else (o + mirrored[k]) / 2.0
+             for k, o in out.items()}
+    return out
 
   return evaluation.embed(forward, variables, images, batch_size=batch_size,
                           mesh=mesh)

@@ -24,8 +24,10 @@ only), one warmup epoch then cosine to 0: the AdamW recipe of
 ``common.cpu_cifar``, which trains stably here on CPU; ``:sgd`` swaps in
 SGD-Nesterov (lr 0.4, momentum 0.9, weight decay 5e-4), the fast-CIFAR
 ResNet-9 recipe, for comparison. airbench's whitening stem, lookahead, label
-smoothing and test-time flips are left out, so expect a point or so below its
-94%; the JPEG re-encoding of the training images costs about another point.
+smoothing are left out, and its test-time flips are not in ``results.json``
+(``python -m experiments.evaluate --workdir=... --tta_flip`` adds them), so
+expect a point or so below its 94%; the JPEG re-encoding of the training
+images costs about another point.
 
 Hardware: one GPU (written for an H200). Result: not yet measured on an H200.
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
