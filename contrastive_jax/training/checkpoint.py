@@ -70,6 +70,10 @@ def _diff(old, new, prefix=""):
   if keys is None:
     return [f"{prefix}: {old!r} -> {new!r}"] if old != new else []
   for k in keys:
+    if k not in old and not new[k]:
+      # An option added to the config after the run was saved, at its
+      # neutral default (0, False, ""): the saved run behaved the same.
+      continue
     if k not in old:
       out.append(f"{prefix}{k}: (absent) -> {new[k]!r}")
     elif k not in new:

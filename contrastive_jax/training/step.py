@@ -59,9 +59,14 @@ def flatten_views(images: jax.Array, labels: jax.Array):
   return x, jnp.tile(labels, v), v
 
 
-def _ce(logits, labels):
-  return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels))
+def _ce(logits, labels, label_smoothing: float = 0.0):
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(
+        logits, labels))
+  targets = optax.smooth_labels(
+      jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return jnp.mean(optax.losses.softmax_cross_entropy(logits, targets))
 
 
 def _accuracy(logits, labels):
@@ -126,6 +131,10 @@ def make_train_step(model, tx: optax.GradientTransformation,
   loss_kwargs = registry._plain(lc.get("kwargs", {}) or {})  # pylint: disable=protected-access
   instance_labels = lc.get("labels", "class") == "instance"
   ce_weight = float(lc.get("ce_weight", 0.0))
+  label_smoothing = float(lc.get("label_smoothing", 0.0))
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(
+        f"loss.label_smoothing must be in [0, 1), got {label_smoothing}.")
   rec_weight = float(lc.get("reconstruction_weight", 0.0))
   quant_weight = float(lc.get("quantization_weight", 0.0))
   metric_weight = float(lc.get("weight", 1.0))
@@ -175,7 +184,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
         terms["metric_loss"] = value
         total += metric_weight * value
       if ce_weight:
-        terms["ce_loss"] = lax.pmean(_ce(out["logits"], labels), AXIS)
+        terms["ce_loss"] = lax.pmean(
+            _ce(out["logits"], labels, label_smoothing), AXIS)
         terms["train_accuracy"] = lax.pmean(_accuracy(out["logits"], labels),
                                             AXIS)
         total += ce_weight * terms["ce_loss"]

@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
       labels="class",      # "class" or "instance" (SimCLR: views of an image)
       weight=1.0,
       ce_weight=0.0,
+      label_smoothing=0.0,  # of the classifier's cross-entropy targets
       reconstruction_weight=0.0,
       quantization_weight=0.0,
       memory_size=0))      # > 0: cross-batch memory of that many embeddings
