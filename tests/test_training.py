@@ -340,3 +340,50 @@ def test_guard_traces_counts_per_function():
     f(0, np.ones(4, np.float32))
   # Every train_and_evaluate above also ran the real step under this guard
   # (max_traces=1), so none of them recompiled it.
+
+
+def test_label_smoothed_cross_entropy_matches_numpy():
+  from contrastive_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 5)) * 3
+  labels = np.array([0, 4, 2, 2, 1, 3])
+  alpha = 0.2
+  # Reference: targets (1 - alpha) * one_hot + alpha / K, float64.
+  targets = np.full((6, 5), alpha / 5) + (1 - alpha) * np.eye(5)[labels]
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  expected = np.mean(-(targets * log_p).sum(-1))
+  got = jax.jit(step_lib._ce, static_argnums=2)(  # pylint: disable=protected-access
+      logits.astype(np.float32), labels, alpha)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # alpha = 0 is the plain integer-label cross-entropy.
+  plain = np.mean(-log_p[np.arange(6), labels])
+  np.testing.assert_allclose(step_lib._ce(logits, labels, 0.0), plain,  # pylint: disable=protected-access
+                             rtol=1e-5)
+  # d/dz of the mean soft-target cross-entropy: (softmax(z) - targets) / N.
+  # (_ce computes in float32, too coarse for check_grads' finite differences.)
+  grad = jax.grad(step_lib._ce)(logits.astype(np.float32), labels, alpha)  # pylint: disable=protected-access
+  np.testing.assert_allclose(grad, (np.exp(log_p) - targets) / 6, atol=1e-6)
+
+
+def test_label_smoothing_out_of_range_is_refused():
+  c = _small_digits()
+  c.loss.ce_weight = 1.0
+  c.loss.label_smoothing = 1.0
+  with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+    training.make_train_step(None, None, None, c, None)
+
+
+def test_option_added_after_a_run_does_not_block_its_resume(tmp_path):
+  """A run saved before a config key existed resumes when the key is off."""
+  from contrastive_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  saved = {"seed": 0, "loss": {"name": "nt_xent", "ce_weight": 0.0}}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  now = {"seed": 0, "loss": {"name": "nt_xent", "ce_weight": 0.0,
+                             "label_smoothing": 0.0}}
+  checkpoint.check_workdir_config(str(tmp_path), now)
+  now["loss"]["label_smoothing"] = 0.1
+  with pytest.raises(training.IncompatibleCheckpointError,
+                     match=r"loss.label_smoothing: \(absent\) -> 0.1"):
+    checkpoint.check_workdir_config(str(tmp_path), now)
