@@ -372,6 +372,10 @@ def test_label_smoothing_out_of_range_is_refused():
   c.loss.label_smoothing = 1.0
   with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
     training.make_train_step(None, None, None, c, None)
+  c.loss.label_smoothing = 0.1
+  c.loss.ce_weight = 0.0
+  with pytest.raises(ValueError, match="set loss.ce_weight > 0"):
+    training.make_train_step(None, None, None, c, None)
 
 
 def test_option_added_after_a_run_does_not_block_its_resume(tmp_path):

@@ -135,6 +135,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(
         f"loss.label_smoothing must be in [0, 1), got {label_smoothing}.")
+  if label_smoothing and not ce_weight:
+    raise ValueError("loss.label_smoothing smooths the classifier's"
+                     " cross-entropy: set loss.ce_weight > 0 as well.")
   rec_weight = float(lc.get("reconstruction_weight", 0.0))
   quant_weight = float(lc.get("quantization_weight", 0.0))
   metric_weight = float(lc.get("weight", 1.0))

@@ -35,7 +35,7 @@ evaluated with flip test-time augmentation (``experiments.evaluate
 test-time augmentation.
 
 ``cpu_wide``: ``cpu`` with a wider ``FastCNN(widths=(40, 160, 160))``
-(0.77 M parameters, ~1.4x the step time) and label smoothing 0.2 on the
+(0.77 M parameters, ~1.4x the training time) and label smoothing 0.2 on the
 classifier's cross-entropy (as airbench)::
 
     python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py:cpu_wide \
