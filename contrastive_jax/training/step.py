@@ -62,6 +62,8 @@ def flatten_views(images: jax.Array, labels: jax.Array):
 def _ce(logits, labels, label_smoothing: float = 0.0):
   logits = logits.astype(jnp.float32)
   if not label_smoothing:
+    # The integer-label form, as before the option existed: runs without
+    # smoothing stay bit-identical, so their checkpoints resume exactly.
     return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(
         logits, labels))
   targets = optax.smooth_labels(
