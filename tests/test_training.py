@@ -393,9 +393,10 @@ def test_option_added_after_a_run_does_not_block_its_resume(tmp_path):
     checkpoint.check_workdir_config(str(tmp_path), now)
 
 
-def test_cpu_wide_is_cpu_with_a_wider_cnn_and_label_smoothing():
-  cpu = triplet_ce_cifar10.get_config("cpu").to_dict()
-  wide = triplet_ce_cifar10.get_config("cpu_wide").to_dict()
+@pytest.mark.parametrize("config", [triplet_ce_cifar10, supcon_cifar10])
+def test_cpu_wide_is_cpu_with_a_wider_cnn_and_label_smoothing(config):
+  cpu = config.get_config("cpu").to_dict()
+  wide = config.get_config("cpu_wide").to_dict()
   assert wide["model"].pop("backbone_kwargs") == dict(
       widths=(40, 160, 160), stem_width=0)
   cpu["model"].pop("backbone_kwargs")

@@ -23,6 +23,15 @@ stem_width=0)``, 20 epochs (3,500 steps of 256)::
 Result (2026-11-29, 2 CPU cores, 77 min, ~200 images/s): 86.46% validation
 accuracy (classifier head), kNN 86.38%, linear probe 85.72%; see
 experiments/RESULTS.md for recall / F1 and flip test-time augmentation.
+
+``cpu_wide``: ``cpu`` with ``common.cpu_wide`` (``FastCNN(widths=(40, 160,
+160))``, 0.77 M parameters, and label smoothing 0.2), as
+``triplet_ce_cifar10.py:cpu_wide``::
+
+    python -m experiments.train --config=experiments/configs/supcon_cifar10.py:cpu_wide \
+        --config.data_dir=../shared/data --workdir=/tmp/supcon_cifar10_cpu_wide
+
+Result: being measured.
 """
 
 from experiments.configs import common
@@ -53,11 +62,13 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_epochs = 10.0
   c.checkpoint.every_steps = 2000
   c.log_every = 100
-  if arg == "cpu":
+  if arg in ("cpu", "cpu_wide"):
     c = common.cpu_cifar(c, epochs=CPU_EPOCHS)
     c.model.projection_dim = 128
     c.model.projection_hidden_dim = 512
     c.loss.ce_weight = 1.0
+  if arg == "cpu_wide":
+    c = common.cpu_wide(c)
   if arg == "runlocal":
     c = common.runlocal(c)
   return c

@@ -77,8 +77,7 @@ def get_config(arg: str | None = None):
   if arg in ("cpu", "cpu_wide"):
     c = common.cpu_cifar(c, epochs=CPU_EPOCHS)
   if arg == "cpu_wide":
-    c.model.backbone_kwargs = dict(widths=(40, 160, 160), stem_width=0)
-    c.loss.label_smoothing = 0.2
+    c = common.cpu_wide(c)
   if arg == "runlocal":
     c = common.runlocal(c)
   return c
