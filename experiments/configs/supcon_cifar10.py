@@ -31,7 +31,11 @@ experiments/RESULTS.md for recall / F1 and flip test-time augmentation.
     python -m experiments.train --config=experiments/configs/supcon_cifar10.py:cpu_wide \
         --config.data_dir=../shared/data --workdir=/tmp/supcon_cifar10_cpu_wide
 
-Result: being measured.
+Result (2026-11-29, idle 2-core CPU, seed 0): 20 epochs in 84.4 minutes at
+183 images/s: 86.14% accuracy, macro recall 86.14%, macro F1 86.12% (kNN
+85.82%, linear probe 86.02%); with flip test-time augmentation 87.80% /
+87.80% / 87.79%. Unlike triplet + CE, the wider CNN and smoothing did not
+raise SupCon's plain figure (``cpu``: 86.46%), only its TTA one (87.32%).
 """
 
 from experiments.configs import common
