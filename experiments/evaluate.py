@@ -4,13 +4,16 @@
     python -m experiments.evaluate --workdir=/tmp/simclr --split=test \
         --data_dir=../shared/data
     python -m experiments.evaluate --workdir=/tmp/triplet_ce --tta_flip
+    python -m experiments.evaluate --workdir=/tmp/ema_run --online_weights
 
 Queries come from --split, references (kNN, linear-probe training, hash
 database) from the training split. Reports weighted kNN (k = 20, 200) and
 linear-probe top-1/top-5 of the backbone features, accuracy / macro recall /
 macro F1 / per-class metrics / confusion matrix of the probe's predictions,
 retrieval metrics (precision@1, R-precision, MAP@R, recall@1/2/4/8, NMI, AMI)
-and, for hashing models, Hamming-ranking mAP and bit balance. Writes
+and, for hashing models, Hamming-ranking mAP and bit balance. A run trained
+with ``ema_decay > 0`` is evaluated with its weight average unless
+--online_weights. Writes
 ``<workdir>/eval/<split>.json`` and prints a summary. The logic is in
 ``contrastive_jax.evaluation.report``; this file only reads flags.
 """
@@ -27,6 +30,11 @@ _TTA_FLIP = flags.DEFINE_bool(
     "Average each image's outputs with its mirror image's (test-time"
     " augmentation; for models trained with flips). Writes"
     " <split>_tta_flip.json.")
+_ONLINE = flags.DEFINE_bool(
+    "online_weights", False,
+    "For a run that kept a weight average (ema_decay > 0): evaluate its"
+    " trained (online) weights instead of the average. Writes"
+    " <split>_online.json.")
 
 
 def main(argv):
@@ -37,13 +45,14 @@ def main(argv):
   try:
     result = report.evaluate_workdir(wf.WORKDIR.value, wf.SPLIT.value,
                                      data_dir=wf.DATA_DIR.value,
-                                     tta_flip=_TTA_FLIP.value)
+                                     tta_flip=_TTA_FLIP.value,
+                                     online=_ONLINE.value)
   except report.EvaluationError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(report.format_table(result))
   path = report.eval_path(wf.WORKDIR.value, wf.SPLIT.value,
-                          tta_flip=_TTA_FLIP.value)
+                          tta_flip=_TTA_FLIP.value, online=_ONLINE.value)
   print(f"wrote {path}")
   return 0
 

@@ -233,3 +233,12 @@ def test_classifier_head_gets_recall_and_f1():
   assert "classifier accuracy / macro recall / F1" in report.format_table(
       {"dataset": "x", "split": "validation", "num_queries": 30, "num_train": 60,
        "step": 1, **res})
+
+
+def test_online_weights_need_a_weight_average(run):
+  workdir, _, _ = run  # digits config: ema_decay = 0
+  with pytest.raises(report.EvaluationError, match="kept no weight average"):
+    report.load_run(workdir, online=True)
+  assert report.eval_path(workdir, "validation", online=True,
+                          tta_flip=True).endswith(
+                              "eval/validation_online_tta_flip.json")

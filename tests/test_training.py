@@ -120,6 +120,8 @@ def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
   c.data_dir = tiny_cifar
   c.batch_size = 16
   c.num_devices = 2
+  if family == "triplet_ce":
+    c.ema_decay = 0.5
   res = training.train_and_evaluate(c, str(tmp_path))
   assert res["status"] == "completed" and res["step"] == 1
   assert np.isfinite(res["final_loss"])
@@ -129,6 +131,9 @@ def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
     assert 0.0 <= res["hash_map"] <= 1.0
   if family == "triplet_ce":
     assert "classifier_top1" in res
+    # The weight average is evaluated; the online weights beside it.
+    assert 0.0 <= res["online_classifier_top1"] <= 1.0
+    assert 0.0 <= res["online_knn_top1"] <= 1.0
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["step"] == 1 and saved["devices"] == 2
   assert json.loads((tmp_path / "config.json").read_text())["dataset"] == (
@@ -137,7 +142,8 @@ def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
 
 
 def _small_digits(**overrides):
-  """Digits with a small MLP: fast to compile, exercises BN and memory."""
+  """Digits with a small MLP: fast to compile; exercises BN and the weight
+  average (so every resume test also checks that it is restored)."""
   c = digits.get_config()
   c.model.backbone = "mlp"
   c.model.backbone_kwargs = dict(hidden_dims=(32,), output_dim=16)
@@ -151,6 +157,7 @@ def _small_digits(**overrides):
   c.progress_bar = False
   c.log_every = 1
   c.optimizer.warmup_steps = 3
+  c.ema_decay = 0.9
   for k, v in overrides.items():
     c.update_from_flattened_dict({k: v})
   return c
@@ -191,6 +198,8 @@ def test_8_devices_equal_1_device(tmp_path):
                   _leaves(runs[8][1]["batch_stats"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   for a, b in zip(_leaves(runs[1][1]["memory"]), _leaves(runs[8][1]["memory"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(_leaves(runs[1][1]["ema"]), _leaves(runs[8][1]["ema"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -283,6 +292,18 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_evaluation_restores_the_weight_average(reference_run):
+  from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  ref_dir, _ = reference_run
+  _, saved = _final_state(ref_dir)
+  for online, src in ((False, saved["ema"]), (True, saved)):
+    run = report.load_run(ref_dir, online=online)
+    assert run.online == online
+    for key in ("params", "batch_stats"):
+      for a, b in zip(_leaves(src[key]), _leaves(run.variables[key])):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_incompatible_config_is_refused_untouched(reference_run, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   ref_dir, _ = reference_run
@@ -364,6 +385,58 @@ def test_label_smoothed_cross_entropy_matches_numpy():
   # (_ce computes in float32, too coarse for check_grads' finite differences.)
   grad = jax.grad(step_lib._ce)(logits.astype(np.float32), labels, alpha)  # pylint: disable=protected-access
   np.testing.assert_allclose(grad, (np.exp(log_p) - targets) / 6, atol=1e-6)
+
+
+def test_weight_average_follows_its_recurrence():
+  """``ema`` after each step against a float64 NumPy recurrence of the params.
+
+  e_0 = p_0; e_{t+1} = r_t e_t + (1 - r_t) p_{t+1} with
+  r_t = min(d, (1 + t) / (10 + t)); BatchNorm statistics likewise.
+  """
+  from contrastive_jax.training import input as input_lib  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
+  c = _small_digits(num_steps=3, ema_decay=0.6)
+  mesh = training.make_mesh(1)
+  data = input_lib.make_train_input(c, mesh, seed_key=jax.random.key(1))
+  _, train_model, tx, schedule, state = loop.build(c, mesh, data, steps=3)
+  step = training.make_train_step(train_model, tx, schedule, c, mesh)
+
+  def host(s):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(
+        {"params": s.params, "batch_stats": s.batch_stats})]
+
+  assert state.batch_stats  # the projection head's BatchNorm is averaged too
+  expected = host(state)
+  data.start(0)
+  for t in range(3):
+    state, _ = step(state, next(data))
+    r = min(0.6, (1 + t) / (10 + t))
+    expected = [r * e + (1 - r) * p for e, p in zip(expected, host(state))]
+    got = [np.asarray(x) for x in jax.tree.leaves(state.ema)]
+    for e, g in zip(expected, got):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+  # After a few steps the average differs from the online weights.
+  assert not np.allclose(got[0], host(state)[0])
+  assert loop.eval_variables(state)["params"] is state.ema["params"]
+  assert loop.eval_variables(state, online=True)["params"] is state.params
+
+
+def test_ema_decay_out_of_range_is_refused():
+  with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+    training.make_train_step(None, None, None, _small_digits(ema_decay=1.0),
+                             None)
+
+
+def test_run_saved_before_an_option_existed_resumes(tmp_path):
+  """Its checkpoints carry the older config's fingerprint; they still load."""
+  old = _small_digits(num_steps=10)
+  del old.loss["label_smoothing"]  # as saved before the option was added
+  training.train_and_evaluate(old, str(tmp_path))
+  seen = []
+  res = training.train_and_evaluate(_small_digits(num_steps=20),
+                                    str(tmp_path), step_callback=seen.append)
+  assert res["status"] == "completed" and res["step"] == 20
+  assert seen[0] == 11  # resumed, not restarted
 
 
 def test_label_smoothing_out_of_range_is_refused():

@@ -81,7 +81,9 @@ class Run:
     workdir: absolute path.
     config: the run's ``ml_collections.ConfigDict`` (from ``config.json``).
     model: the inference-mode ``ContrastiveModel``.
-    variables: ``{"params", ("batch_stats")}`` replicated over ``mesh``.
+    variables: ``{"params", ("batch_stats")}`` replicated over ``mesh``: the
+      weight average of a run that kept one (``ema_decay > 0``), unless
+      restored with ``online=True``.
     mesh: the 1-D ``"data"`` mesh over all devices.
     step: the checkpoint's step.
     num_classes: classes of the model's heads (from the training split).
@@ -93,6 +95,7 @@ class Run:
   mesh: Any
   step: int
   num_classes: int
+  online: bool = False
 
 
 @dataclasses.dataclass
@@ -170,13 +173,16 @@ def _check_checkpoints(workdir: str, config) -> str:
 
 def load_run(workdir: str, *, data_dir: str | None = None,
              num_classes: int | None = None,
-             image_shape: Sequence[int] | None = None) -> Run:
+             image_shape: Sequence[int] | None = None,
+             online: bool = False) -> Run:
   """Restores the latest readable checkpoint of a ``train_and_evaluate`` run.
 
   Args:
     workdir: the training workdir (``config.json`` + ``checkpoints/``).
     data_dir: overrides ``config.data_dir`` (where the images are).
     num_classes, image_shape: of the training split; read from it when None.
+    online: restore the trained (online) weights of a run that kept a
+      weight average, instead of the average.
 
   Raises:
     EvaluationError: no workdir, ``config.json`` or readable checkpoint, a
@@ -210,11 +216,14 @@ def load_run(workdir: str, *, data_dir: str | None = None,
   if restored is None:
     _fail(f"No readable checkpoint in {ckpt_dir} (unreadable ones were moved"
           f" to {os.path.join(workdir, 'checkpoints_corrupt')}).")
-  variables = {"params": restored.params}
-  if restored.batch_stats:
-    variables["batch_stats"] = restored.batch_stats
-  return Run(workdir=workdir, config=config, model=model, variables=variables,
-             mesh=mesh, step=int(step), num_classes=int(num_classes))
+  if online and not restored.ema:
+    _fail(f"{workdir} kept no weight average (its ema_decay is"
+          f" {config.get('ema_decay', 0.0)}): its weights are the online"
+          " ones already; evaluate it without online=True.")
+  return Run(workdir=workdir, config=config, model=model,
+             variables=loop.eval_variables(restored, online=online),
+             mesh=mesh, step=int(step), num_classes=int(num_classes),
+             online=online)
 
 
 def embed_outputs(run: Run, images: np.ndarray, *,
@@ -264,11 +273,12 @@ def class_names_for(config, num_classes: int) -> list[str]:
 
 
 def prepare(workdir: str, split: str = "validation", *,
-            data_dir: str | None = None, tta_flip: bool = False) -> Prepared:
+            data_dir: str | None = None, tta_flip: bool = False,
+            online: bool = False) -> Prepared:
   """Restores ``workdir``'s run and embeds its training split and ``split``.
 
   ``tta_flip``: both splits are embedded with flip test-time augmentation
-  (see ``embed_outputs``).
+  (see ``embed_outputs``). ``online``: see ``load_run``.
 
   Raises:
     EvaluationError: see ``load_run``; ``split`` not in ``EVAL_SPLITS`` or
@@ -285,7 +295,7 @@ def prepare(workdir: str, split: str = "validation", *,
   train_images, train_labels = _load_split(config, "train")
   run = load_run(workdir, data_dir=data_dir,
                  num_classes=int(train_labels.max()) + 1,
-                 image_shape=train_images.shape[1:])
+                 image_shape=train_images.shape[1:], online=online)
   train = embed_outputs(run, train_images, tta_flip=tta_flip)
   check_finite(train, f"training-split outputs of checkpoint {run.step}:")
   query = embed_outputs(run, query_images, tta_flip=tta_flip)
@@ -428,30 +438,37 @@ def _json_safe(obj):
   return obj
 
 
-def eval_path(workdir: str, split: str, *, tta_flip: bool = False) -> str:
-  name = f"{split}_tta_flip.json" if tta_flip else f"{split}.json"
-  return os.path.join(os.path.abspath(workdir), "eval", name)
+def eval_path(workdir: str, split: str, *, tta_flip: bool = False,
+              online: bool = False) -> str:
+  name = split + ("_online" if online else "") + (
+      "_tta_flip" if tta_flip else "")
+  return os.path.join(os.path.abspath(workdir), "eval", name + ".json")
 
 
 def evaluate_workdir(workdir: str, split: str = "validation", *,
                      data_dir: str | None = None,
                      prepared: Prepared | None = None,
-                     tta_flip: bool = False) -> dict[str, Any]:
+                     tta_flip: bool = False,
+                     online: bool = False) -> dict[str, Any]:
   """Computes every metric of ``workdir``'s latest checkpoint on ``split``.
 
-  Writes ``workdir/eval/<split>.json`` (``<split>_tta_flip.json`` with
-  ``tta_flip``; NaN written as null) and returns the same dict: ``workdir``,
-  ``split``, ``step``, ``dataset``, ``tta_flip``, ``num_train``,
+  Writes ``workdir/eval/<split>.json`` (``<split>_online`` with ``online``,
+  ``..._tta_flip.json`` with ``tta_flip``; NaN written as null) and returns
+  the same dict: ``workdir``, ``split``, ``step``, ``dataset``, ``tta_flip``,
+  ``weights`` (``"average"`` or ``"online"``), ``num_train``,
   ``num_queries``, ``num_classes`` and the entries of ``compute_metrics``.
 
   Raises:
     EvaluationError: see ``prepare``.
-    ValueError: ``prepared`` was made with another ``tta_flip``.
+    ValueError: ``prepared`` was made with another ``tta_flip`` or
+      ``online``.
   """
-  p = prepared or prepare(workdir, split, data_dir=data_dir, tta_flip=tta_flip)
-  if p.tta_flip != tta_flip:
-    raise ValueError(f"prepared has tta_flip={p.tta_flip}, asked for"
-                     f" tta_flip={tta_flip}.")
+  p = prepared or prepare(workdir, split, data_dir=data_dir, tta_flip=tta_flip,
+                          online=online)
+  if (p.tta_flip, p.run.online) != (tta_flip, online):
+    raise ValueError(
+        f"prepared has tta_flip={p.tta_flip}, online={p.run.online}; asked"
+        f" for tta_flip={tta_flip}, online={online}.")
   ec = p.run.config.eval
   metrics = compute_metrics(
       p.train, p.train_labels, p.query, p.query_labels,
@@ -464,10 +481,12 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
   result = _json_safe({
       "workdir": p.run.workdir, "split": p.split, "step": p.run.step,
       "dataset": p.run.config.dataset, "tta_flip": bool(tta_flip),
+      "weights": "average" if (p.run.config.get("ema_decay", 0.0)
+                               and not online) else "online",
       "num_train": int(p.train_labels.shape[0]),
       "num_queries": int(p.query_labels.shape[0]),
       "num_classes": p.num_classes, **metrics})
-  path = eval_path(p.run.workdir, p.split, tta_flip=tta_flip)
+  path = eval_path(p.run.workdir, p.split, tta_flip=tta_flip, online=online)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   loop.write_json(path, result)
   return result
@@ -486,6 +505,8 @@ def format_table(result: Mapping[str, Any]) -> str:
            f" queries, {result['num_train']} training references,"
            f" checkpoint step {result['step']}"
            + (", flip test-time augmentation" if result.get("tta_flip")
+              else "")
+           + (", weight average (EMA)" if result.get("weights") == "average"
               else "")]
   for prefix, key in (("kNN", "knn"), ("kNN (loss embedding)",
                                        "knn_embedding")):

@@ -26,7 +26,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -83,14 +83,22 @@ def _diff(old, new, prefix=""):
   return [d.replace(".:", ":") for d in out]
 
 
-def check_workdir_config(workdir: str, config_dict: Mapping[str, Any]) -> None:
-  """Raises if ``workdir`` has checkpoints of an incompatible config."""
+def check_workdir_config(workdir: str, config_dict: Mapping[str, Any]
+                         ) -> str | None:
+  """Raises if ``workdir`` has checkpoints of an incompatible config.
+
+  Returns:
+    The fingerprint of the workdir's saved config when it is compatible
+    (``None`` without checkpoints). It differs from ``config_dict``'s when
+    the saved run predates an option now at its neutral default; its
+    checkpoints carry it, so ``Checkpointer(also_accept=...)`` takes it.
+  """
   ckpt_dir = os.path.join(workdir, "checkpoints")
   path = os.path.join(workdir, "config.json")
   has_ckpt = os.path.isdir(ckpt_dir) and any(
       n.isdigit() for n in os.listdir(ckpt_dir))
   if not has_ckpt or not os.path.exists(path):
-    return
+    return None
   with open(path) as f:
     old = json.load(f)
   diffs = _diff(compatible_view(old), compatible_view(
@@ -101,6 +109,7 @@ def check_workdir_config(workdir: str, config_dict: Mapping[str, Any]) -> None:
         " left untouched. Differences (saved -> requested):\n  "
         + "\n  ".join(diffs) + "\nUse another --workdir, or delete this one"
         " to start over.")
+  return config_fingerprint(old)
 
 
 class PreemptionFlag:
@@ -133,11 +142,14 @@ class Checkpointer:
   """Save / restore-with-fallback around ``ocp.CheckpointManager``."""
 
   def __init__(self, workdir: str, *, fingerprint: str, keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, also_accept: Sequence[str | None] = ()):
+    """``fingerprint`` is written into each save; restores accept it and the
+    fingerprints in ``also_accept`` (see ``check_workdir_config``)."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._corrupt_dir = os.path.abspath(
         os.path.join(workdir, "checkpoints_corrupt"))
     self._fingerprint = fingerprint
+    self._accepted = {fingerprint, *(f for f in also_accept if f)}
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
@@ -170,7 +182,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
-      if meta.get("config_fingerprint") != self._fingerprint:
+      if meta.get("config_fingerprint") not in self._accepted:
         raise IncompatibleCheckpointError(
             f"Checkpoint {self.directory}/{step} was written by a config with"
             f" fingerprint {meta.get('config_fingerprint')}, not"

@@ -33,7 +33,7 @@ from contrastive_jax.training import state as state_lib
 from contrastive_jax.training import step as step_lib
 
 __all__ = ["NonFiniteLossError", "make_mesh", "total_steps",
-           "train_and_evaluate", "evaluate", "build"]
+           "train_and_evaluate", "evaluate", "eval_variables", "build"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,7 +76,8 @@ def build(config, mesh, train_input, *, steps: int):
   key = jax.random.key(int(config.seed))
   sample = np.zeros((1,) + tuple(train_input.image_shape), np.float32)
   state = state_lib.create_train_state(
-      init_model, tx, sample_input=sample, key=jax.random.fold_in(key, 0))
+      init_model, tx, sample_input=sample, key=jax.random.fold_in(key, 0),
+      ema=float(config.get("ema_decay", 0.0)) > 0)
   memory_size = int(config.loss.get("memory_size", 0))
   if memory_size:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -99,21 +100,32 @@ def _finite_metrics(m) -> bool:
           and float(m.get("params_finite", 1.0)) == 1.0)
 
 
+def eval_variables(state, *, online: bool = False) -> dict[str, Any]:
+  """The model variables to evaluate: the weight average when the run keeps
+  one (``state.ema``) unless ``online``, else the trained weights."""
+  src = state.ema if (state.ema and not online) else {
+      "params": state.params, "batch_stats": state.batch_stats}
+  variables = {"params": src["params"]}
+  if src["batch_stats"]:
+    variables["batch_stats"] = src["batch_stats"]
+  return variables
+
+
 def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
-             knn_only: bool = False) -> dict[str, float]:
+             knn_only: bool = False, online: bool = False
+             ) -> dict[str, float]:
   """kNN and linear-probe top-1 of the backbone features on the eval split.
 
   Also, when the model has them: kNN on the loss embedding, accuracy of the
   classifier head and of the online probe, and Hamming-ranking mAP of hash
-  codes (validation queries against the training set).
+  codes (validation queries against the training set). The weights are
+  those of ``eval_variables(state, online=online)``.
   """
   ec = config.eval
   train_x, train_y = input_lib.load_eval_split(config, splits[0])
   val_x, val_y = input_lib.load_eval_split(config, splits[1])
   num_classes = int(max(train_y.max(), val_y.max())) + 1
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
+  variables = eval_variables(state, online=online)
   keys = ("features",) if knn_only else (
       "features", "embedding", "logits", "probe_logits", "codes")
   embed = functools.partial(model_outputs, model, variables, keys=keys,
@@ -210,7 +222,7 @@ def train_and_evaluate(config, workdir: str, *,
   is_main = jax.process_index() == 0
   config_dict = config.to_dict()
   # Refuse an incompatible workdir before writing anything into it.
-  ckpt_lib.check_workdir_config(workdir, config_dict)
+  saved_fingerprint = ckpt_lib.check_workdir_config(workdir, config_dict)
   os.makedirs(workdir, exist_ok=True)
 
   mesh = make_mesh(int(config.get("num_devices", 0)))
@@ -223,7 +235,8 @@ def train_and_evaluate(config, workdir: str, *,
   cc = config.checkpoint
   checkpointer = ckpt_lib.Checkpointer(
       workdir, fingerprint=ckpt_lib.config_fingerprint(config_dict),
-      keep=int(cc.get("keep", 3)), async_save=bool(cc.get("async_save", True)))
+      keep=int(cc.get("keep", 3)), async_save=bool(cc.get("async_save", True)),
+      also_accept=(saved_fingerprint,))
   restored, start = checkpointer.restore_latest(
       state_lib.abstract_state(state))
   if restored is not None:
@@ -344,6 +357,11 @@ def train_and_evaluate(config, workdir: str, *,
   }
   if status == "completed" and config.eval.get("final", True):
     final = evaluate(config, init_model, state, mesh)
+    if state.ema:
+      # The same run's online weights: a paired measure of what the
+      # average adds.
+      final.update({f"online_{k}": v for k, v in evaluate(
+          config, init_model, state, mesh, online=True).items()})
     results.update(final)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in final.items()
                                 if isinstance(v, float)})

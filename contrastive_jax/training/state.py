@@ -33,6 +33,9 @@ class TrainState:
     rng: uint32 key data (``jax.random.key_data``) of the run's base key;
       step ``s`` uses ``fold_in(key, s)``, so no key is carried forward.
     memory: cross-batch memory (``losses.CrossBatchMemory``), or ``{}``.
+    ema: ``{"params", "batch_stats"}``, the exponential moving average of
+      the weights when ``config.ema_decay > 0`` (evaluated instead of the
+      online weights), or ``{}``.
   """
   step: jax.Array
   params: Any
@@ -40,13 +43,18 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   memory: Any
+  ema: Any = flax.struct.field(default_factory=dict)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, *,
                        sample_input: np.ndarray, key: jax.Array,
-                       memory_size: int = 0, memory_dim: int | None = None
-                       ) -> TrainState:
-  """Initialises parameters on ``sample_input`` (a batch of one is enough)."""
+                       memory_size: int = 0, memory_dim: int | None = None,
+                       ema: bool = False) -> TrainState:
+  """Initialises parameters on ``sample_input`` (a batch of one is enough).
+
+  ``ema``: also keep an average of the weights, starting from the initial
+  ones (``TrainState.ema``).
+  """
   init_key, run_key = jax.random.split(key)
   variables = jax.jit(lambda k, x: model.init(k, x, train=False))(
       init_key, jnp.asarray(sample_input))
@@ -57,7 +65,9 @@ def create_train_state(model, tx: optax.GradientTransformation, *,
     memory = losses.create_memory(memory_size, memory_dim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats, opt_state=tx.init(params),
-                    rng=jax.random.key_data(run_key), memory=memory)
+                    rng=jax.random.key_data(run_key), memory=memory,
+                    ema=({"params": params, "batch_stats": batch_stats}
+                         if ema else {}))
 
 
 def abstract_state(state: TrainState) -> TrainState:

@@ -40,8 +40,8 @@ from contrastive_jax import models
 from contrastive_jax.training import registry
 from contrastive_jax.training.state import TrainState
 
-__all__ = ["AXIS", "RetraceError", "flatten_views", "guard_traces",
-           "make_train_step"]
+__all__ = ["AXIS", "RetraceError", "ema_rate", "flatten_views",
+           "guard_traces", "make_train_step"]
 
 AXIS = "data"
 
@@ -73,6 +73,18 @@ def _ce(logits, labels, label_smoothing: float = 0.0):
 
 def _accuracy(logits, labels):
   return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+def ema_rate(step: jax.Array, decay: float) -> jax.Array:
+  """The weight-average decay at ``step``: ``min(decay, (1 + t) / (10 + t))``.
+
+  The warm-up (``tf.train.ExponentialMovingAverage``'s ``num_updates``)
+  makes the early average span about the last tenth of the steps so far,
+  so it does not carry the random initial weights for ``1 / (1 - decay)``
+  steps.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
 class RetraceError(RuntimeError):
@@ -144,6 +156,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
   quant_weight = float(lc.get("quantization_weight", 0.0))
   metric_weight = float(lc.get("weight", 1.0))
   use_memory = int(lc.get("memory_size", 0)) > 0
+  ema_decay = float(config.get("ema_decay", 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
   hash_kwargs = registry._plain(config.model.get("hash_scale", {}) or {})  # pylint: disable=protected-access
   global_batch = int(config.batch_size)
   if loss_fn is None and not (ce_weight or rec_weight):
@@ -220,10 +235,15 @@ def make_train_step(model, tx: optax.GradientTransformation,
     if use_memory:  # after the loss: a batch never meets its own copy.
       memory = losses.enqueue_memory(memory, emb, metric_labels,
                                      axis_name=AXIS)
+    batch_stats = new_vars.get("batch_stats", state.batch_stats)
+    ema = state.ema
+    if ema_decay:
+      ema = optax.incremental_update(
+          {"params": params, "batch_stats": batch_stats}, ema,
+          step_size=1.0 - ema_rate(state.step, ema_decay))
     new_state = state.replace(
-        step=state.step + 1, params=params,
-        batch_stats=new_vars.get("batch_stats", state.batch_stats),
-        opt_state=opt_state, memory=memory)
+        step=state.step + 1, params=params, batch_stats=batch_stats,
+        opt_state=opt_state, memory=memory, ema=ema)
     metrics = {"loss": loss, **terms,
                "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
                "grad_norm": optax.tree.norm(grads),

@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0, momentum=0.9, nesterov=False,
       schedule="warmup_cosine", warmup_steps=0, warmup_epochs=0.0, end_lr_factor=0.0,
       grad_clip_norm=0.0))
+  # > 0: keep an exponential moving average of the weights (and BatchNorm
+  # statistics) with this decay per step, and evaluate it; the final
+  # results also report the online weights, as ``online_*``.
+  c.ema_decay = 0.0
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, keep=3, async_save=True))
   c.log_every = 50
