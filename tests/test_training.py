@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from contrastive_jax import training
+from contrastive_jax.training import state as state_lib
 from experiments.configs import autoencoder_cifar10
 from experiments.configs import digits
 from experiments.configs import hashing_cifar10
@@ -302,6 +303,42 @@ def test_evaluation_restores_the_weight_average(reference_run):
     for key in ("params", "batch_stats"):
       for a, b in zip(_leaves(src[key]), _leaves(run.variables[key])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_state_saved_before_a_field_existed_restores(tmp_path):
+  """A checkpoint without ``ema`` (older code) restores with ``ema={}``; one
+  whose fields differ otherwise is refused and left where it is."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class Old:  # TrainState before the weight average
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: dict
+    rng: jax.Array
+    memory: dict
+
+  old = Old(step=np.int32(7), params={"w": np.arange(3.0)}, batch_stats={},
+            opt_state={"mu": np.ones(3)}, rng=np.zeros(2, np.uint32),
+            memory={})
+  ck = ckpt_lib.Checkpointer(str(tmp_path), fingerprint="f", async_save=False)
+  ck.save(7, old)
+  ck.wait()
+  target = training.TrainState(**{k: getattr(old, k) for k in (
+      "step", "params", "batch_stats", "opt_state", "rng", "memory")})
+  assert target.ema == {}
+  restored, step = ck.restore_latest(state_lib.abstract_state(target))
+  assert step == 7 and restored.ema == {}
+  np.testing.assert_array_equal(restored.params["w"], np.arange(3.0))
+  np.testing.assert_array_equal(restored.opt_state["mu"], np.ones(3))
+  with_ema = target.replace(ema={"params": target.params})
+  with pytest.raises(training.IncompatibleCheckpointError,
+                     match=r"holds the state fields.*left\s+untouched"):
+    ck.restore_latest(state_lib.abstract_state(with_ema))
+  assert ck.all_steps() == [7] and not (tmp_path / "checkpoints_corrupt").exists()
+  ck.close()
 
 
 def test_incompatible_config_is_refused_untouched(reference_run, tmp_path):

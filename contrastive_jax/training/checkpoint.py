@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
 __all__ = [
@@ -189,15 +191,56 @@ class Checkpointer:
             f" {self._fingerprint}; it is left untouched. Use another"
             " --workdir, or delete this one to start over.")
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        saved_fields = self._saved_fields(step)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
+      target, fill = self._restore_target(abstract_state, saved_fields, step)
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      if fill is not None:
+        restored = abstract_state.replace(**restored, **fill)
       logging.info("Resumed from checkpoint step %d (%s).", step,
                    self.directory)
-      return restored["state"], step
+      return restored, step
     return None, None
+
+  def _saved_fields(self, step: int) -> set[str] | None:
+    """Top-level names of the saved state's tree (``None``: not a dict)."""
+    path = epath.Path(self.directory) / str(step) / "state"
+    tree = ocp.StandardCheckpointHandler().metadata(path)
+    tree = getattr(tree, "tree", tree)
+    return set(tree) if isinstance(tree, dict) else None
+
+  def _restore_target(self, abstract_state, saved_fields, step):
+    """``(target, fill)``: a state saved before a dataclass field existed
+    restores into the fields it has; the new ones, empty in
+    ``abstract_state`` (an option that is off), are ``fill``-ed.
+
+    Raises:
+      IncompatibleCheckpointError: the saved fields differ otherwise (another
+        version of the code); the checkpoint is left untouched.
+    """
+    if saved_fields is None or not dataclasses.is_dataclass(abstract_state):
+      return abstract_state, None
+    fields = {f.name: getattr(abstract_state, f.name)
+              for f in dataclasses.fields(abstract_state)}
+    if set(fields) == saved_fields:
+      return abstract_state, None
+    new = set(fields) - saved_fields
+    if saved_fields - set(fields) or any(
+        jax.tree.leaves(fields[n]) for n in new):
+      raise IncompatibleCheckpointError(
+          f"Checkpoint {self.directory}/{step} holds the state fields"
+          f" {sorted(saved_fields)}; this code expects {sorted(fields)}. It"
+          " was written by another version of contrastive_jax and is left"
+          " untouched.")
+    return ({n: v for n, v in fields.items() if n in saved_fields},
+            {n: fields[n] for n in new})
 
   def _set_aside(self, step: int, error: Exception) -> None:
     src = os.path.join(self.directory, str(step))
