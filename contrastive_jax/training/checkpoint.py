@@ -1,8 +1,8 @@
 """Checkpoints that never lose a run: orbax ``CheckpointManager`` + guards.
 
 * ``workdir/checkpoints/<step>/{state,meta}``: the ``TrainState`` (params,
-  optimizer state, step, RNG, memory bank; the step is also the data
-  position) and a JSON record (step, data position, config fingerprint).
+  optimizer state, step, RNG, memory bank, weight average; the step is also
+  the data position) and a JSON record (step, data position, config fingerprint).
   Saved every ``checkpoint.every_steps``, at the end, and on SIGTERM; the
   last ``checkpoint.keep`` are kept. Saves are asynchronous (orbax copies the
   arrays to host before ``save`` returns, so the donated state is safe) and
@@ -10,11 +10,16 @@
   temporary folder that orbax ignores.
 * Restore tries the latest step first; a checkpoint that cannot be read
   (partial, corrupt) is reported, moved to ``workdir/checkpoints_corrupt/``,
-  and the previous one is tried.
+  and the previous one is tried. A state saved before a ``TrainState``
+  field existed restores with that field empty when it is empty now (an
+  option that is off); other differences of fields are refused, untouched.
 * A workdir whose ``config.json`` (or checkpoint fingerprint) comes from an
   incompatible config raises ``IncompatibleCheckpointError`` before anything
   is written. Keys in ``RESUME_SAFE_KEYS`` (run length, logging, checkpoint
-  and evaluation settings) may change between restarts.
+  and evaluation settings) may change between restarts, and options added
+  to the config since the run was saved may be present at their neutral
+  default (its checkpoints' fingerprint, that of the saved ``config.json``,
+  is then accepted).
 """
 
 from __future__ import annotations
