@@ -237,6 +237,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
                                      axis_name=AXIS)
     batch_stats = new_vars.get("batch_stats", state.batch_stats)
     ema = state.ema
+    if ema_decay and not ema:
+      raise ValueError("ema_decay > 0 needs a state with a weight average:"
+                       " create_train_state(..., ema=True).")
     if ema_decay:
       ema = optax.incremental_update(
           {"params": params, "batch_stats": batch_stats}, ema,
