@@ -59,6 +59,7 @@ def test_evaluate_json(run, evaluated):
   with open(os.path.join(workdir, "eval", "validation.json")) as f:
     assert json.load(f) == res
   assert res["split"] == "validation" and res["step"] == 20
+  assert res["weights"] == "online"  # the digits config keeps no average
   assert res["num_classes"] == 10 and res["num_train"] == 1258
   n = res["num_queries"]
   assert n == 539
