@@ -33,7 +33,8 @@ from contrastive_jax.training import state as state_lib
 from contrastive_jax.training import step as step_lib
 
 __all__ = ["NonFiniteLossError", "make_mesh", "total_steps",
-           "train_and_evaluate", "evaluate", "eval_variables", "build"]
+           "train_and_evaluate", "evaluate", "eval_variables", "load_eval_data",
+           "build"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,19 +112,25 @@ def eval_variables(state, *, online: bool = False) -> dict[str, Any]:
   return variables
 
 
+def load_eval_data(config, splits=("train", "validation")):
+  """``(train_x, train_y, val_x, val_y)`` of ``splits``, for ``evaluate``."""
+  return (*input_lib.load_eval_split(config, splits[0]),
+          *input_lib.load_eval_split(config, splits[1]))
+
+
 def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
-             knn_only: bool = False, online: bool = False
+             knn_only: bool = False, online: bool = False, data=None
              ) -> dict[str, float]:
   """kNN and linear-probe top-1 of the backbone features on the eval split.
 
   Also, when the model has them: kNN on the loss embedding, accuracy of the
   classifier head and of the online probe, and Hamming-ranking mAP of hash
   codes (validation queries against the training set). The weights are
-  those of ``eval_variables(state, online=online)``.
+  those of ``eval_variables(state, online=online)``; ``data`` is
+  ``load_eval_data(config, splits)`` when the caller already has it.
   """
   ec = config.eval
-  train_x, train_y = input_lib.load_eval_split(config, splits[0])
-  val_x, val_y = input_lib.load_eval_split(config, splits[1])
+  train_x, train_y, val_x, val_y = data or load_eval_data(config, splits)
   num_classes = int(max(train_y.max(), val_y.max())) + 1
   variables = eval_variables(state, online=online)
   keys = ("features",) if knn_only else (
@@ -356,12 +363,13 @@ def train_and_evaluate(config, workdir: str, *,
       "global_batch_size": batch, "dataset": config.dataset,
   }
   if status == "completed" and config.eval.get("final", True):
-    final = evaluate(config, init_model, state, mesh)
+    data = load_eval_data(config)
+    final = evaluate(config, init_model, state, mesh, data=data)
     if state.ema:
       # The same run's online weights: a paired measure of what the
       # average adds.
       final.update({f"online_{k}": v for k, v in evaluate(
-          config, init_model, state, mesh, online=True).items()})
+          config, init_model, state, mesh, online=True, data=data).items()})
     results.update(final)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in final.items()
                                 if isinstance(v, float)})

@@ -237,10 +237,10 @@ def make_train_step(model, tx: optax.GradientTransformation,
                                      axis_name=AXIS)
     batch_stats = new_vars.get("batch_stats", state.batch_stats)
     ema = state.ema
-    if ema_decay and not ema:
-      raise ValueError("ema_decay > 0 needs a state with a weight average:"
-                       " create_train_state(..., ema=True).")
     if ema_decay:
+      if not ema:
+        raise ValueError("ema_decay > 0 needs a state with a weight average:"
+                         " create_train_state(..., ema=True).")
       ema = optax.incremental_update(
           {"params": params, "batch_stats": batch_stats}, ema,
           step_size=1.0 - ema_rate(state.step, ema_decay))
