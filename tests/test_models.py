@@ -24,6 +24,7 @@ from contrastive_jax.models import (
     ResNet50,
     SmallCNN,
     hash_scale,
+    patch_whitening_kernel,
     reconstruction_loss,
 )
 
@@ -153,6 +154,70 @@ def test_fast_cnn_batchnorm_train_vs_eval():
     evald = _apply(model, variables, x, train=False)
     assert train.shape == evald.shape == (4, 4)
     assert not np.allclose(train, evald)
+
+
+def _patches_f64(x, k):
+    """All k x k patches of NHWC ``x``, flattened in (C, kh, kw) order, float64."""
+    x = np.asarray(x, np.float64)
+    n, h, w, c = x.shape
+    out = [x[:, i:i + k, j:j + k, :].transpose(0, 3, 1, 2).reshape(n, -1)
+           for i in range(h - k + 1) for j in range(w - k + 1)]
+    return np.concatenate(out, axis=0)
+
+
+@pytest.mark.parametrize("k,channels", [(2, 3), (3, 1)])
+def test_patch_whitening_kernel_against_numpy(k, channels):
+    """W W^T = (C + eps I)^-1 for the patch covariance C (sign-free), and the
+    second half of the filters is the first negated."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 7, 7, channels))
+    x[..., 0] += 1.0  # uncentred, as airbench's estimate
+    if channels == 3:
+        x[..., 1] += 0.8 * x[..., 0]  # correlated channels
+    eps = 1e-2
+    kernel = np.asarray(patch_whitening_kernel(jnp.asarray(x, jnp.float32), kernel_size=k,
+                                               eps=eps), np.float64)
+    d = k * k * channels
+    assert kernel.shape == (k, k, channels, 2 * d)
+    np.testing.assert_array_equal(kernel[..., d:], -kernel[..., :d])
+    w = kernel[..., :d].transpose(2, 0, 1, 3).reshape(d, d)  # rows in (C, kh, kw) order
+    p = _patches_f64(x, k)
+    cov = p.T @ p / len(p)
+    np.testing.assert_allclose(w @ w.T, np.linalg.inv(cov + eps * np.eye(d)), rtol=2e-3, atol=1e-4)
+    # Strongest direction first: the filters' norms 1/sqrt(l + eps) grow.
+    norms = np.linalg.norm(w, axis=0)
+    assert np.all(np.diff(norms) >= -1e-6)
+
+
+def test_patch_whitening_kernel_bad_input():
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        patch_whitening_kernel(jnp.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match="kernel_size"):
+        patch_whitening_kernel(jnp.zeros((2, 4, 4, 3)), kernel_size=5)
+
+
+def test_fast_cnn_whitening_layer_is_a_fixed_statistic():
+    """The whitening filters come from the init images, live in batch_stats,
+    get no gradient and pass through a training step unchanged; its bias trains."""
+    model = FastCNN(widths=(4, 4, 4), stem_width=0, whiten_size=2)
+    x = _images((8, 8, 8, 3))
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(x)
+    kernel = variables["batch_stats"]["whiten_kernel"]
+    np.testing.assert_allclose(kernel, patch_whitening_kernel(x), rtol=1e-5, atol=1e-5)
+    assert "whiten_kernel" not in variables["params"]
+    assert variables["params"]["group0_conv1"]["kernel"].shape == (3, 3, 24, 4)
+
+    def loss(params):
+        out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                               x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out ** 2), upd
+
+    grads, upd = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    np.testing.assert_array_equal(upd["batch_stats"]["whiten_kernel"], kernel)
+    assert np.any(np.asarray(grads["whiten_bias"]) != 0)
+    # Degenerate init (all-zero images, as a restore target): finite.
+    zeros = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.zeros((1, 8, 8, 3)))
+    assert np.all(np.isfinite(zeros["batch_stats"]["whiten_kernel"]))
 
 
 @pytest.mark.parametrize("cls,dim", [(ResNet18, 512), (ResNet34, 512), (ResNet50, 2048)])

@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -422,6 +423,28 @@ def test_label_smoothed_cross_entropy_matches_numpy():
   # (_ce computes in float32, too coarse for check_grads' finite differences.)
   grad = jax.grad(step_lib._ce)(logits.astype(np.float32), labels, alpha)  # pylint: disable=protected-access
   np.testing.assert_allclose(grad, (np.exp(log_p) - targets) / 6, atol=1e-6)
+
+
+def test_build_whitens_on_the_first_training_images():
+  """``FastCNN(whiten_size=2)`` built by the loop: its filters whiten the
+  first 1,024 normalised training images (not the zeros of a shape-only init)."""
+  from contrastive_jax import models  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.training import input as input_lib  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
+  c = _small_digits(num_steps=3)
+  c.model.backbone = "fast_cnn"
+  c.model.backbone_kwargs = dict(widths=(4, 4, 4), stem_width=0, whiten_size=2)
+  mesh = training.make_mesh(1)
+  data = input_lib.make_train_input(c, mesh, seed_key=jax.random.key(1))
+  images = data.init_images(1024)
+  assert images.shape == (1024, 8, 8, 1) and images.dtype == np.float32
+  assert abs(images.mean()) < 0.1 and abs(images.std() - 1) < 0.1  # normalised
+  _, _, _, _, state = loop.build(c, mesh, data, steps=3)
+  kernel = state.batch_stats["backbone"]["whiten_kernel"]
+  np.testing.assert_allclose(kernel, models.patch_whitening_kernel(jnp.asarray(images)),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(state.ema["batch_stats"]["backbone"]["whiten_kernel"],
+                             kernel)
 
 
 def test_weight_average_follows_its_recurrence():

@@ -6,7 +6,7 @@ BatchNorm take ``axis_name`` so statistics can be synchronised across devices.
 """
 
 from contrastive_jax.models.autoencoder import ConvAutoencoder, reconstruction_loss
-from contrastive_jax.models.cnn import FastCNN, SmallCNN
+from contrastive_jax.models.cnn import FastCNN, SmallCNN, patch_whitening_kernel
 from contrastive_jax.models.heads import ClassifierHead, HashHead, ProjectionHead, hash_scale
 from contrastive_jax.models.mlp import MLP
 from contrastive_jax.models.resnet import (
@@ -22,6 +22,7 @@ __all__ = [
     "MLP",
     "SmallCNN",
     "FastCNN",
+    "patch_whitening_kernel",
     "ResNet",
     "ResNet18",
     "ResNet34",

@@ -80,6 +80,19 @@ class TrainInput:
     self.num_train = int(self._arrays.labels.shape[0])
     self._it = None
 
+  def init_images(self, n: int) -> np.ndarray:
+    """The first ``n`` training images, float32 and normalised as the batches
+    are (unaugmented), for a data-dependent initialisation (call before
+    ``start``)."""
+    if self._arrays is None:
+      raise RuntimeError("init_images must be called before start().")
+    x = self._arrays.images[:n]
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    mean, std = normalization(self._config, self.image_shape[-1])
+    if mean is not None:
+      x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return x
+
   def start(self, start_step: int) -> "TrainInput":
     """Positions the stream at batch ``start_step`` (the resumed step)."""
     config, dc = self._config, self._config.data

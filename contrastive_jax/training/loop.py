@@ -57,6 +57,9 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+_WHITEN_INIT_IMAGES = 1024
+
+
 def total_steps(config, num_train: int) -> int:
   if config.get("num_steps", 0) > 0:
     return int(config.num_steps)
@@ -76,8 +79,15 @@ def build(config, mesh, train_input, *, steps: int):
   tx = optim.make_optimizer(config.optimizer, schedule)
   key = jax.random.key(int(config.seed))
   sample = np.zeros((1,) + tuple(train_input.image_shape), np.float32)
+  init_input = sample
+  if (config.model.get("backbone_kwargs") or {}).get("whiten_size", 0) and hasattr(
+      train_input, "init_images"):
+    # The whitening layer's filters are computed from the images of the init
+    # call; ~1M patches estimate its small covariance well. (A restore
+    # overwrites them, so callers without data may init on zeros.)
+    init_input = train_input.init_images(_WHITEN_INIT_IMAGES)
   state = state_lib.create_train_state(
-      init_model, tx, sample_input=sample, key=jax.random.fold_in(key, 0),
+      init_model, tx, sample_input=init_input, key=jax.random.fold_in(key, 0),
       ema=float(config.get("ema_decay", 0.0)) > 0)
   memory_size = int(config.loss.get("memory_size", 0))
   if memory_size:

@@ -133,3 +133,14 @@ def cpu_wide(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.backbone_kwargs = dict(widths=(40, 160, 160), stem_width=0)
   c.loss.label_smoothing = 0.2
   return c
+
+
+def cpu_whiten(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``cpu_wide`` behind airbench's 2x2 patch-whitening layer (24 channels).
+
+  ``FastCNN(whiten_size=2)``: filters from the first 1,024 training images,
+  not trained (``models.patch_whitening_kernel``).
+  """
+  c = cpu_wide(c)
+  c.model.backbone_kwargs = dict(c.model.backbone_kwargs, whiten_size=2)
+  return c

@@ -77,10 +77,12 @@ def get_config(arg: str | None = None):
   c.optimizer.schedule = "constant"
   c.checkpoint.every_steps = 1000
   c.log_every = 100
-  if arg in ("cpu", "cpu_wide"):
+  if arg in ("cpu", "cpu_wide", "cpu_whiten"):
     c = common.cpu_cifar(c, epochs=CPU_EPOCHS)
   if arg == "cpu_wide":
     c = common.cpu_wide(c)
+  if arg == "cpu_whiten":
+    c = common.cpu_whiten(c)
   if arg == "runlocal":
     c = common.runlocal(c)
   return c
