@@ -536,3 +536,15 @@ def test_cpu_wide_is_cpu_with_a_wider_cnn_and_label_smoothing(config):
   assert (wide["loss"].pop("label_smoothing"),
           cpu["loss"].pop("label_smoothing")) == (0.2, 0.0)
   assert wide == cpu
+
+
+def test_cpu_whiten_is_cpu_wide_behind_a_whitening_layer():
+  wide = triplet_ce_cifar10.get_config("cpu_wide").to_dict()
+  whiten = triplet_ce_cifar10.get_config("cpu_whiten").to_dict()
+  assert whiten["model"]["backbone_kwargs"].pop("whiten_size") == 2
+  assert whiten == wide
+  # The GPU config and its smoke run keep airbench's whitening layer.
+  from experiments.configs import cifar10_gpu  # pylint: disable=g-import-not-at-top
+  for arg in (None, "runlocal"):
+    kw = cifar10_gpu.get_config(arg).model.backbone_kwargs
+    assert (kw.whiten_size, kw.stem_width) == (2, 0)
