@@ -86,12 +86,7 @@ class TrainInput:
     ``start``)."""
     if self._arrays is None:
       raise RuntimeError("init_images must be called before start().")
-    x = self._arrays.images[:n]
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    mean, std = normalization(self._config, self.image_shape[-1])
-    if mean is not None:
-      x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return x
+    return _normalised_float(self._config, self._arrays.images[:n])
 
   def start(self, start_step: int) -> "TrainInput":
     """Positions the stream at batch ``start_step`` (the resumed step)."""
@@ -160,10 +155,15 @@ def load_eval_split(config, split: str):
   """``(images float32 [N, H, W, C] normalised, labels [N])`` in host memory."""
   arrays = cdata.load_split_arrays(config.dataset, split,
                                    data_dir=_data_dir(config))
-  images = arrays.images
+  return _normalised_float(config, arrays.images), arrays.labels.astype(np.int32)
+
+
+def _normalised_float(config, images: np.ndarray) -> np.ndarray:
+  """float32 images normalised as the training batches are (host NumPy):
+  uint8 scaled by 1/255 (``augment_jax.to_float``), then ``normalization``."""
   images = (images.astype(np.float32) * np.float32(1.0 / 255.0) if images.dtype == np.uint8
             else images.astype(np.float32))
   mean, std = normalization(config, images.shape[-1])
   if mean is not None:
     images = (images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-  return images, arrays.labels.astype(np.int32)
+  return images
