@@ -538,9 +538,10 @@ def test_cpu_wide_is_cpu_with_a_wider_cnn_and_label_smoothing(config):
   assert wide == cpu
 
 
-def test_cpu_whiten_is_cpu_wide_behind_a_whitening_layer():
-  wide = triplet_ce_cifar10.get_config("cpu_wide").to_dict()
-  whiten = triplet_ce_cifar10.get_config("cpu_whiten").to_dict()
+@pytest.mark.parametrize("config", [triplet_ce_cifar10, supcon_cifar10])
+def test_cpu_whiten_is_cpu_wide_behind_a_whitening_layer(config):
+  wide = config.get_config("cpu_wide").to_dict()
+  whiten = config.get_config("cpu_whiten").to_dict()
   assert whiten["model"]["backbone_kwargs"].pop("whiten_size") == 2
   assert whiten == wide
   # The GPU config and its smoke run keep airbench's whitening layer.

@@ -36,6 +36,14 @@ Result (2026-11-29, idle 2-core CPU, seed 0): 20 epochs in 84.4 minutes at
 85.82%, linear probe 86.02%); with flip test-time augmentation 87.80% /
 87.80% / 87.79%. Unlike triplet + CE, the wider CNN and smoothing did not
 raise SupCon's plain figure (``cpu``: 86.46%), only its TTA one (87.32%).
+
+``cpu_whiten``: ``cpu_wide`` behind airbench's 2x2 patch-whitening layer
+(``common.cpu_whiten``), as ``triplet_ce_cifar10.py:cpu_whiten``::
+
+    python -m experiments.train --config=experiments/configs/supcon_cifar10.py:cpu_whiten \
+        --config.data_dir=../shared/data --workdir=/tmp/supcon_cifar10_cpu_whiten
+
+Result: being measured (2026-11-29).
 """
 
 from experiments.configs import common
@@ -66,13 +74,15 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_epochs = 10.0
   c.checkpoint.every_steps = 2000
   c.log_every = 100
-  if arg in ("cpu", "cpu_wide"):
+  if arg in ("cpu", "cpu_wide", "cpu_whiten"):
     c = common.cpu_cifar(c, epochs=CPU_EPOCHS)
     c.model.projection_dim = 128
     c.model.projection_hidden_dim = 512
     c.loss.ce_weight = 1.0
   if arg == "cpu_wide":
     c = common.cpu_wide(c)
+  if arg == "cpu_whiten":
+    c = common.cpu_whiten(c)
   if arg == "runlocal":
     c = common.runlocal(c)
   return c
