@@ -1,6 +1,7 @@
 """Images/s of one training step: SmallCNN + NT-Xent, batch 256, JAX vs PyTorch.
 
     python -m experiments.benchmarks.train_step [--steps=10] [--variants=flatten,global]
+    python -m experiments.benchmarks.train_step --variants=fastcnn,fastcnn_whiten --notorch
 
 Both sides: the design documents' small CNN (two 3x3 convs, 64 and 128
 channels, ReLU, 2x2 max-pool each, Dense to 128) on 32x32x3 inputs, two views
@@ -8,6 +9,12 @@ of 128 images (batch 256), NT-Xent at temperature 0.5, SGD with momentum.
 JAX runs ``contrastive_jax.training.make_train_step`` (the real step:
 shard_map over a 1-device mesh, optax, donated state); PyTorch runs the same
 model with pytorch-metric-learning's ``NTXentLoss``. Results: TRAIN_STEP.md.
+
+``fastcnn`` / ``fastcnn_whiten``: the CIFAR CPU recipes' encoder
+(``FastCNN(widths=(40, 160, 160), stem_width=0)``, ``common.cpu_wide``) in
+the same step, without and with airbench's 2x2 patch-whitening first layer
+(``whiten_size=2``, filters from the 1,024 random init images), to measure
+what the layer costs side by side.
 """
 
 import time
@@ -22,19 +29,30 @@ import numpy as np
 from contrastive_jax import training
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
-_VARIANTS = flags.DEFINE_list("variants", ["flatten", "global"],
-                              "SmallCNN pooling variants to time in JAX.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["flatten", "global"],
+    "JAX models to time: SmallCNN pooling 'flatten' or 'global', or "
+    "'fastcnn' / 'fastcnn_whiten'.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch.")
 
 BATCH = 256
 
 
-def _config(pooling: str, dtype: str = "float32"):
+def _backbone(variant: str) -> tuple[str, dict]:
+  if variant.startswith("fastcnn"):
+    kw = dict(widths=(40, 160, 160), stem_width=0)
+    if variant == "fastcnn_whiten":
+      kw["whiten_size"] = 2
+    return "fast_cnn", kw
+  return "small_cnn", dict(features=(64, 128), embedding_dim=128,
+                           pooling=variant)
+
+
+def _config(variant: str, dtype: str = "float32"):
+  backbone, kwargs = _backbone(variant)
   return ml_collections.ConfigDict(dict(
       batch_size=BATCH,
-      model=dict(backbone="small_cnn",
-                 backbone_kwargs=dict(features=(64, 128), embedding_dim=128,
-                                      pooling=pooling),
+      model=dict(backbone=backbone, backbone_kwargs=kwargs,
                  projection_dim=0, projection_hidden_dim=0, projection_layers=2,
                  classifier=False, hash_bits=0, online_probe=False,
                  dtype=dtype),
@@ -44,8 +62,8 @@ def _config(pooling: str, dtype: str = "float32"):
                      schedule="constant")))
 
 
-def time_jax(pooling: str, steps: int, dtype: str = "float32") -> float:
-  c = _config(pooling, dtype)
+def time_jax(variant: str, steps: int, dtype: str = "float32") -> float:
+  c = _config(variant, dtype)
   mesh = training.make_mesh(1)
   kw = dict(num_classes=10, image_shape=(32, 32, 3))
   init_model = training.build_model(c.model, **kw)
@@ -53,11 +71,12 @@ def time_jax(pooling: str, steps: int, dtype: str = "float32") -> float:
   schedule = training.make_schedule(c.optimizer, total_steps=100,
                                     batch_size=BATCH)
   tx = training.make_optimizer(c.optimizer, schedule)
-  state = training.create_train_state(
-      init_model, tx, sample_input=np.zeros((1, 32, 32, 3), np.float32),
-      key=jax.random.key(0))
-  step = training.make_train_step(model, tx, schedule, c, mesh)
   rng = np.random.default_rng(0)
+  # 1,024 images: the whitening variant computes its filters from them.
+  state = training.create_train_state(
+      init_model, tx, sample_input=rng.normal(size=(1024, 32, 32, 3)).astype(
+          np.float32), key=jax.random.key(0))
+  step = training.make_train_step(model, tx, schedule, c, mesh)
   batch = {"image": jnp.asarray(rng.normal(size=(BATCH // 2, 2, 32, 32, 3)),
                                 jnp.float32),
            "label": jnp.arange(BATCH // 2, dtype=jnp.int32)}
@@ -108,7 +127,9 @@ def main(argv):
   del argv
   rows = []
   for v in _VARIANTS.value:
-    rows.append((f"jax SmallCNN pooling={v}", time_jax(v, _STEPS.value)))
+    name = (f"jax FastCNN(40, 160, 160){' + whitening' * ('whiten' in v)}"
+            if v.startswith("fastcnn") else f"jax SmallCNN pooling={v}")
+    rows.append((name, time_jax(v, _STEPS.value)))
     print(rows[-1], flush=True)
   if _TORCH.value:
     import torch  # pylint: disable=g-import-not-at-top
