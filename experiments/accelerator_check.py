@@ -25,8 +25,9 @@ a JSON of every number to ``--out_dir`` (default ``$OUT``, else
 * ``cifar``: ``training.train_and_evaluate`` with ``--config`` (default
   ``experiments/configs/cifar10_gpu.py``) on CIFAR-10 under ``--data_dir``,
   stopped (checkpoint, then evaluated) if its training loop passes
-  ``--train_minutes``; classifier / kNN / linear-probe top-1 on the
-  validation split, wall time and images/s.
+  ``--train_minutes``; classifier (also with flip test-time augmentation,
+  airbench's metric, when the config sets ``eval.tta_flip``) / kNN /
+  linear-probe top-1 on the validation split, wall time and images/s.
 
 By default (``--isolate``) each part runs in a subprocess of its own: a
 crash, a hang or an out-of-memory in one part leaves the others' results,
@@ -617,7 +618,10 @@ def _rows_cifar(part: dict) -> list[list[str]]:
       "CIFAR-10",
       f"{r.get('config_summary', '')}; validation = 5,000 held-out train"
       " images",
-      f"classifier {_pct(r.get('classifier_top1'))}, kNN"
+      f"classifier {_pct(r.get('classifier_top1'))}"
+      + (f" ({_pct(r['classifier_top1_tta_flip'])} with flip TTA)"
+         if r.get("classifier_top1_tta_flip") is not None else "")
+      + f", kNN"
       f" {_pct(r.get('knn_top1'))}, linear probe"
       f" {_pct(r.get('linear_probe_top1'))}",
       f"{stop}{r.get('epochs', 0):.1f} epochs, training loop"

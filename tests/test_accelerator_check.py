@@ -69,7 +69,10 @@ def test_table_formats_results_and_failures():
                       "train_budget_s": 60.0, "step": 900,
                       "total_steps": 1740}}
   table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
-  assert "classifier 94.1%" in table and "linear probe n/a" in table
+  assert "classifier 94.1%, kNN" in table and "linear probe n/a" in table
+  cifar["result"]["classifier_top1_tta_flip"] = 0.9456
+  table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
+  assert "classifier 94.1% (94.6% with flip TTA), kNN 93.0%" in table
   assert "stopped by the 60 s budget at step 900/1740" in table
 
 
@@ -77,6 +80,7 @@ def test_cifar_config_variants():
   c = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"))
   assert c.input == "device" and c.model.dtype == "bfloat16"
   assert c.batch_size == 512 and c.model.backbone == "fast_cnn"
+  assert c.eval.tta_flip  # airbench's 94% is measured with flips
   s = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
                      "sgd,runlocal")
   assert s.optimizer.name == "sgd" and s.optimizer.nesterov

@@ -135,7 +135,9 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
 
   Also, when the model has them: kNN on the loss embedding, accuracy of the
   classifier head and of the online probe, and Hamming-ranking mAP of hash
-  codes (validation queries against the training set). The weights are
+  codes (validation queries against the training set); with
+  ``config.eval.tta_flip``, also the classifier head's top-1 with flip
+  test-time augmentation (``classifier_top1_tta_flip``). The weights are
   those of ``eval_variables(state, online=online)``; ``data`` is
   ``load_eval_data(config, splits)`` when the caller already has it.
   """
@@ -172,6 +174,12 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
                     ("online_probe_top1", "probe_logits")):
     if key in va:
       res[name] = float(np.mean(np.argmax(va[key], -1) == val_y))
+  if ec.get("tta_flip", False) and "logits" in va and np.ndim(val_x) == 4:
+    # airbench's headline metric: the classifier with flip test-time
+    # augmentation. One more pass over the queries only.
+    logits = embed(val_x, keys=("logits",), tta_flip=True)["logits"]
+    res["classifier_top1_tta_flip"] = float(
+        np.mean(np.argmax(logits, -1) == val_y))
   if "codes" in va:
     res["hash_map"] = float(evaluation.hash_retrieval_map(
         va["codes"], val_y, tr["codes"], train_y))

@@ -56,7 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.eval = ml_collections.ConfigDict(dict(
       final=True, knn_k=20, knn_temperature=0.07, probe_steps=500,
-      probe_learning_rate=1e-3, batch_size=512))
+      probe_learning_rate=1e-3, batch_size=512,
+      # Also report the classifier head's top-1 with flip test-time
+      # augmentation (classifier_top1_tta_flip; one more validation pass).
+      tta_flip=False))
   c.num_devices = 0        # 0: all devices
   c.progress_bar = True
   c.distributed = ml_collections.ConfigDict(dict(
