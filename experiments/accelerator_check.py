@@ -25,7 +25,9 @@ a JSON of every number to ``--out_dir`` (default ``$OUT``, else
 * ``cifar``: ``training.train_and_evaluate`` with ``--config`` (default
   ``experiments/configs/cifar10_gpu.py``) on CIFAR-10 under ``--data_dir``,
   stopped (checkpoint, then evaluated) if its training loop passes
-  ``--train_minutes``; classifier (also with flip test-time augmentation,
+  ``--train_minutes``, for as many epochs as the budget fits
+  (``--cifar_epochs=auto``: a short calibration run of the same config
+  measures its images/s first); classifier (also with flip test-time augmentation,
   airbench's metric, when the config sets ``eval.tta_flip``) / kNN /
   linear-probe top-1 on the validation split, wall time and images/s.
 
@@ -103,6 +105,16 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "./.data",
                                 "cifar: folder holding cifar10/train/.")
 _TRAIN_MINUTES = flags.DEFINE_float(
     "train_minutes", 5.0, "cifar: time budget of the training loop.")
+_CIFAR_EPOCHS = flags.DEFINE_string(
+    "cifar_epochs", "auto",
+    "cifar: training epochs, or 'auto': as many as the training budget fits"
+    " (a short calibration run of the same config measures its images/s),"
+    " at most --max_cifar_epochs. A config that sets num_steps (runlocal) is"
+    " left as it is.")
+_MAX_CIFAR_EPOCHS = flags.DEFINE_integer(
+    "max_cifar_epochs", 50, "cifar: the most epochs --cifar_epochs=auto picks.")
+_CALIBRATION_STEPS = flags.DEFINE_integer(
+    "calibration_steps", 150, "cifar: steps of the calibration run.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", "", "cifar: run directory; default a fresh temporary one.")
 _ISOLATE = flags.DEFINE_bool("isolate", True,
@@ -484,6 +496,56 @@ def _evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   return res
 
 
+# The CIFAR runs' training split: 45,000 of the 50,000 train images.
+CIFAR_NUM_TRAIN = 45_000
+# Share of the loop's budget (after compilation) that the fitted epochs
+# may fill: the rest absorbs a slower step than the calibration's, the
+# final checkpoint and the step rate's noise.
+EPOCH_FIT_MARGIN = 0.8
+
+
+def measure_step_rate(config, *, steps: int) -> dict[str, float]:
+  """Images/s of ``config``'s own training loop, from a short run of it.
+
+  ``train_and_evaluate`` with ``num_steps=steps``, no evaluation, in a
+  temporary workdir: the same data, on-device augmentation and step as the
+  run it calibrates. Logged in three windows; the last one's rate is the
+  steady rate, and the first one's extra time is the compilation's.
+  """
+  from contrastive_jax import training  # pylint: disable=g-import-not-at-top
+
+  c = config.copy_and_resolve_references()
+  c.num_steps = int(steps)
+  c.log_every = max(1, int(steps) // 3)
+  c.eval.final = False
+  c.checkpoint.every_steps = 10 * int(steps)
+  c.checkpoint.async_save = False
+  start = time.time()
+  with tempfile.TemporaryDirectory(prefix="acc_calibrate_") as workdir:
+    training.train_and_evaluate(c, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      windows = [m for m in map(json.loads, f) if "images_per_sec" in m]
+  if len(windows) < 2:
+    raise RuntimeError(f"calibration logged {len(windows)} rate windows;"
+                       " need 2 (more --calibration_steps)")
+  rate = float(windows[-1]["images_per_sec"])
+  window_images = c.log_every * int(c.batch_size)
+  compile_s = max(0.0, window_images / float(windows[0]["images_per_sec"])
+                  - window_images / rate)
+  return {"steps": int(steps), "images_per_s": rate,
+          "compile_s": compile_s, "wall_s": time.time() - start}
+
+
+def fit_epochs(images_per_s: float, loop_seconds: float, *, compile_s: float,
+               num_train: int, max_epochs: int) -> int:
+  """The most whole epochs that a training loop of ``loop_seconds`` (which
+  includes ``compile_s`` of compilation) fits, with ``EPOCH_FIT_MARGIN``
+  to spare; at least 1, at most ``max_epochs``."""
+  usable = max(0.0, loop_seconds - compile_s) * EPOCH_FIT_MARGIN
+  return int(max(1, min(max_epochs, math.floor(
+      usable * images_per_s / num_train))))
+
+
 def cifar_run(config, workdir: str, *, train_seconds: float,
               out_dir: str | None = None) -> dict[str, Any]:
   """``train_and_evaluate(config, workdir)`` with its loop capped in time.
@@ -614,6 +676,13 @@ def _rows_cifar(part: dict) -> list[list[str]]:
   stop = (f"stopped by the {r['train_budget_s']:.0f} s budget at step"
           f" {r.get('step')}/{r.get('total_steps')}; "
           if r.get("stopped_by_budget") else "")
+  cal = part.get("calibration") or {}
+  if "fitted_epochs" in cal:
+    stop += (f"{cal['fitted_epochs']} epochs fitted to the budget (config:"
+             f" {cal['config_epochs']}) from a {cal['steps']}-step"
+             f" calibration run at {_num(cal['images_per_s'])} img/s; ")
+  elif "error" in cal:
+    stop += f"calibration FAILED ({cal['error']}), config's epochs; "
   return [[
       "CIFAR-10",
       f"{r.get('config_summary', '')}; validation = 5,000 held-out train"
@@ -711,7 +780,29 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
       config.distributed.mode = "off"  # one process, whatever the env says
       workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="acc_cifar_")
       res["workdir"] = workdir
-      res["result"] = cifar_run(config, workdir, train_seconds=cifar_train_s,
+      train_s = cifar_train_s
+      if _CIFAR_EPOCHS.value == "auto":
+        if not config.get("num_steps", 0):
+          start = time.time()
+          try:
+            cal = measure_step_rate(config, steps=_CALIBRATION_STEPS.value)
+          except Exception as e:  # pylint: disable=broad-except
+            traceback.print_exc()  # the config's own epochs, then
+            res["calibration"] = {"error": _err(e)}
+          else:
+            # The calibration came out of the part's time.
+            train_s = max(30.0, cifar_train_s - (time.time() - start))
+            cal["config_epochs"] = int(config.num_epochs)
+            config.num_epochs = fit_epochs(
+                cal["images_per_s"], train_s, compile_s=cal["compile_s"],
+                num_train=CIFAR_NUM_TRAIN, max_epochs=_MAX_CIFAR_EPOCHS.value)
+            cal["fitted_epochs"] = int(config.num_epochs)
+            res["calibration"] = cal
+          print(f"[cifar] calibration: {res['calibration']}", flush=True)
+          save(res)
+      elif _CIFAR_EPOCHS.value:
+        config.num_epochs = int(_CIFAR_EPOCHS.value)
+      res["result"] = cifar_run(config, workdir, train_seconds=train_s,
                                 out_dir=out_dir)
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()

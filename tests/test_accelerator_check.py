@@ -74,6 +74,24 @@ def test_table_formats_results_and_failures():
   table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
   assert "classifier 94.1% (94.6% with flip TTA), kNN 93.0%" in table
   assert "stopped by the 60 s budget at step 900/1740" in table
+  cifar["calibration"] = {"steps": 150, "images_per_s": 31234.5,
+                          "compile_s": 20.0, "config_epochs": 20,
+                          "fitted_epochs": 42}
+  table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
+  assert ("42 epochs fitted to the budget (config: 20) from a 150-step"
+          " calibration run at 31,234 img/s") in table
+  cifar["calibration"] = {"error": "RuntimeError: no"}
+  table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
+  assert "calibration FAILED (RuntimeError: no), config's epochs" in table
+
+
+def test_fit_epochs():
+  # (300 s - 30 s of compilation) x 0.8 x 10,000 img/s = 48 epochs of 45,000.
+  kw = dict(compile_s=30.0, num_train=45_000)
+  assert ac.fit_epochs(10_000.0, 300.0, max_epochs=100, **kw) == 48
+  assert ac.fit_epochs(10_000.0, 300.0, max_epochs=20, **kw) == 20
+  assert ac.fit_epochs(10.0, 300.0, max_epochs=20, **kw) == 1
+  assert ac.fit_epochs(10_000.0, 10.0, max_epochs=20, **kw) == 1
 
 
 def test_cifar_config_variants():
@@ -114,3 +132,20 @@ def test_training_budget_stops_and_evaluates(tmp_path):
   assert 0.0 <= r["knn_top1"] <= 1.0 and "linear_probe_top1" in r
   assert r["loop_s"] is not None and r["loop_s"] <= r["call_wall_s"]
   assert (tmp_path / "cifar_results.json").exists()
+
+
+def test_measure_step_rate_runs_the_config_briefly():
+  c = ac.load_config(str(REPO / "experiments/configs/digits.py"))
+  c.batch_size = 64
+  c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=16)
+  c.model.projection_hidden_dim = 16
+  c.model.projection_dim = 8
+  c.progress_bar = False
+  c.distributed.mode = "off"
+  c.num_devices = 1
+  r = ac.measure_step_rate(c, steps=9)
+  assert r["steps"] == 9 and r["images_per_s"] > 0 and r["compile_s"] >= 0
+  assert r["wall_s"] > 0
+  assert c.num_steps == 1000  # the caller's config is untouched
+  with pytest.raises(RuntimeError, match="rate windows"):
+    ac.measure_step_rate(c, steps=1)
