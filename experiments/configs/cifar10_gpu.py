@@ -19,7 +19,9 @@ The data stays on the device (``input="device"``: no TensorFlow, batches drawn
 and augmented by jitted JAX, random 4-pixel-padded crop + horizontal flip),
 one view per image, batch 512, 20 epochs (1,740 steps on the 45,000 training
 images: the last 5,000 of the train folder, 500 per class, are the
-validation split that the results report).
+validation split that the results report). The accelerator check replaces
+the 20 epochs by as many as its 5-minute training budget fits, up to 50,
+measured by a short calibration run first (``--cifar_epochs=auto``).
 
 Loss: cross-entropy of a classifier head on the 256-d features, plus 0.5 x
 the supervised contrastive loss (T = 0.1) on a BN projection 512 -> 128 of
