@@ -149,3 +149,39 @@ def test_measure_step_rate_runs_the_config_briefly():
   assert c.num_steps == 1000  # the caller's config is untouched
   with pytest.raises(RuntimeError, match="rate windows"):
     ac.measure_step_rate(c, steps=1)
+
+
+def test_cifar_part_fits_epochs_after_calibrating(tmp_path):
+  """run_part("cifar") with --cifar_epochs=auto: a calibration run, then
+  the run itself for the fitted epochs (a tiny digits config stands in)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  config_file = tmp_path / "tiny_config.py"
+  config_file.write_text(
+      "from experiments.configs import digits\n"
+      "def get_config(arg=None):\n"
+      "  c = digits.get_config()\n"
+      "  c.num_steps = 0\n"
+      "  c.num_epochs = 7\n"
+      "  c.batch_size = 64\n"
+      "  c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=16)\n"
+      "  c.model.projection_hidden_dim = 16\n"
+      "  c.model.projection_dim = 8\n"
+      "  c.eval.probe_steps = 2\n"
+      "  c.num_devices = 1\n"
+      "  return c\n")
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(config=str(config_file), cifar_epochs="auto",
+                           calibration_steps=6, max_cifar_epochs=2,
+                           workdir=str(tmp_path / "run")):
+    res = ac.run_part("cifar", out_dir=str(tmp_path), cifar_train_s=600.0)
+  cal = res["calibration"]
+  assert cal["steps"] == 6 and cal["config_epochs"] == 7
+  assert 1 <= cal["fitted_epochs"] <= 2
+  assert "error" not in res, res.get("error")
+  r = res["result"]
+  assert r["status"] == "completed" and not r["stopped_by_budget"]
+  assert r["total_steps"] == cal["fitted_epochs"] * (1258 // 64)
+  assert f"{cal['fitted_epochs']} epochs fitted" in ac.format_table(
+      {"meta": {}, "parts": {"cifar": res}})
