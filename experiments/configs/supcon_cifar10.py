@@ -43,7 +43,11 @@ raise SupCon's plain figure (``cpu``: 86.46%), only its TTA one (87.32%).
     python -m experiments.train --config=experiments/configs/supcon_cifar10.py:cpu_whiten \
         --config.data_dir=../shared/data --workdir=/tmp/supcon_cifar10_cpu_whiten
 
-Result: being measured (2026-11-29).
+Result (2026-11-29, 2 CPU cores, seed 0): 20 epochs in 98.1 minutes at 157
+images/s: 87.34% accuracy, macro recall 87.34%, macro F1 87.34% (kNN
+87.50%, linear probe 86.72%); with flip test-time augmentation 88.58% /
+88.58% / 88.59%. +1.2 over ``cpu_wide`` and the first SupCon recipe past
+the documents' 85.5 / 87 / 86 without TTA; 1.16x its training time.
 """
 
 from experiments.configs import common
