@@ -690,7 +690,7 @@ def _rows_cifar(part: dict) -> list[list[str]]:
       f"classifier {_pct(r.get('classifier_top1'))}"
       + (f" ({_pct(r['classifier_top1_tta_flip'])} with flip TTA)"
          if r.get("classifier_top1_tta_flip") is not None else "")
-      + f", kNN"
+      + ", kNN"
       f" {_pct(r.get('knn_top1'))}, linear probe"
       f" {_pct(r.get('linear_probe_top1'))}",
       f"{stop}{r.get('epochs', 0):.1f} epochs, training loop"
@@ -788,10 +788,11 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
             cal = measure_step_rate(config, steps=_CALIBRATION_STEPS.value)
           except Exception as e:  # pylint: disable=broad-except
             traceback.print_exc()  # the config's own epochs, then
+            cal = None
             res["calibration"] = {"error": _err(e)}
-          else:
-            # The calibration came out of the part's time.
-            train_s = max(30.0, cifar_train_s - (time.time() - start))
+          # The calibration came out of the part's time, failed or not.
+          train_s = max(30.0, cifar_train_s - (time.time() - start))
+          if cal is not None:
             cal["config_epochs"] = int(config.num_epochs)
             config.num_epochs = fit_epochs(
                 cal["images_per_s"], train_s, compile_s=cal["compile_s"],
