@@ -673,16 +673,16 @@ def _rows_cifar(part: dict) -> list[list[str]]:
   if not r:
     return [["CIFAR-10", part.get("config", ""),
              f"FAILED: {part.get('error', 'no result')}", ""]]
-  stop = (f"stopped by the {r['train_budget_s']:.0f} s budget at step"
-          f" {r.get('step')}/{r.get('total_steps')}; "
-          if r.get("stopped_by_budget") else "")
+  notes = (f"stopped by the {r['train_budget_s']:.0f} s budget at step"
+           f" {r.get('step')}/{r.get('total_steps')}; "
+           if r.get("stopped_by_budget") else "")
   cal = part.get("calibration") or {}
   if "fitted_epochs" in cal:
-    stop += (f"{cal['fitted_epochs']} epochs fitted to the budget (config:"
-             f" {cal['config_epochs']}) from a {cal['steps']}-step"
-             f" calibration run at {_num(cal['images_per_s'])} img/s; ")
+    notes += (f"{cal['fitted_epochs']} epochs fitted to the budget (config:"
+              f" {cal['config_epochs']}) from a {cal['steps']}-step"
+              f" calibration run at {_num(cal['images_per_s'])} img/s; ")
   elif "error" in cal:
-    stop += f"calibration FAILED ({cal['error']}), config's epochs; "
+    notes += f"calibration FAILED ({cal['error']}), config's epochs; "
   return [[
       "CIFAR-10",
       f"{r.get('config_summary', '')}; validation = 5,000 held-out train"
@@ -693,7 +693,7 @@ def _rows_cifar(part: dict) -> list[list[str]]:
       + ", kNN"
       f" {_pct(r.get('knn_top1'))}, linear probe"
       f" {_pct(r.get('linear_probe_top1'))}",
-      f"{stop}{r.get('epochs', 0):.1f} epochs, training loop"
+      f"{notes}{r.get('epochs', 0):.1f} epochs, training loop"
       f" {_num(r.get('loop_s'), '{:.0f}')} s (incl. compile),"
       f" {_num(r.get('images_per_sec'))} img/s; wall"
       f" {_num(r.get('call_wall_s'), '{:.0f}')} s"]]
@@ -746,6 +746,29 @@ def _sweep(res: dict, part: str, sizes, size_key: str, measure, save) -> None:
     save(res)
 
 
+def _fit_epochs_by_calibration(config, train_s: float) -> tuple[float, dict]:
+  """Sets ``config.num_epochs`` to what the rest of ``train_s`` fits.
+
+  Returns the loop budget left after the calibration run (it comes out of
+  the part's time, failed or not) and the calibration's record; when it
+  fails, the config keeps its own epochs.
+  """
+  start = time.time()
+  try:
+    cal = measure_step_rate(config, steps=_CALIBRATION_STEPS.value)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    cal = {"error": _err(e)}
+  train_s = max(30.0, train_s - (time.time() - start))
+  if "error" not in cal:
+    cal["config_epochs"] = int(config.num_epochs)
+    config.num_epochs = fit_epochs(
+        cal["images_per_s"], train_s, compile_s=cal["compile_s"],
+        num_train=CIFAR_NUM_TRAIN, max_epochs=_MAX_CIFAR_EPOCHS.value)
+    cal["fitted_epochs"] = int(config.num_epochs)
+  return train_s, cal
+
+
 def run_part(part: str, *, out_dir: str, cifar_train_s: float,
              save: Callable[[dict], None] = lambda r: None) -> dict:
   """Runs one part here; ``save`` gets the partial result after each item."""
@@ -781,27 +804,12 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
       workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="acc_cifar_")
       res["workdir"] = workdir
       train_s = cifar_train_s
-      if _CIFAR_EPOCHS.value == "auto":
-        if not config.get("num_steps", 0):
-          start = time.time()
-          try:
-            cal = measure_step_rate(config, steps=_CALIBRATION_STEPS.value)
-          except Exception as e:  # pylint: disable=broad-except
-            traceback.print_exc()  # the config's own epochs, then
-            cal = None
-            res["calibration"] = {"error": _err(e)}
-          # The calibration came out of the part's time, failed or not.
-          train_s = max(30.0, cifar_train_s - (time.time() - start))
-          if cal is not None:
-            cal["config_epochs"] = int(config.num_epochs)
-            config.num_epochs = fit_epochs(
-                cal["images_per_s"], train_s, compile_s=cal["compile_s"],
-                num_train=CIFAR_NUM_TRAIN, max_epochs=_MAX_CIFAR_EPOCHS.value)
-            cal["fitted_epochs"] = int(config.num_epochs)
-            res["calibration"] = cal
-          print(f"[cifar] calibration: {res['calibration']}", flush=True)
-          save(res)
-      elif _CIFAR_EPOCHS.value:
+      if _CIFAR_EPOCHS.value == "auto" and not config.get("num_steps", 0):
+        train_s, res["calibration"] = _fit_epochs_by_calibration(
+            config, cifar_train_s)
+        print(f"[cifar] calibration: {res['calibration']}", flush=True)
+        save(res)
+      elif _CIFAR_EPOCHS.value not in ("", "auto"):
         config.num_epochs = int(_CIFAR_EPOCHS.value)
       res["result"] = cifar_run(config, workdir, train_seconds=train_s,
                                 out_dir=out_dir)

@@ -551,7 +551,9 @@ def test_cpu_whiten_is_cpu_wide_behind_a_whitening_layer(config):
   whiten = config.get_config("cpu_whiten").to_dict()
   assert whiten["model"]["backbone_kwargs"].pop("whiten_size") == 2
   assert whiten == wide
-  # The GPU config and its smoke run keep airbench's whitening layer.
+
+
+def test_gpu_config_and_its_smoke_run_keep_the_whitening_layer():
   from experiments.configs import cifar10_gpu  # pylint: disable=g-import-not-at-top
   for arg in (None, "runlocal"):
     kw = cifar10_gpu.get_config(arg).model.backbone_kwargs
