@@ -27,8 +27,9 @@ a JSON of every number to ``--out_dir`` (default ``$OUT``, else
   stopped (checkpoint, then evaluated) if its training loop passes
   ``--train_minutes``, for as many epochs as the budget fits
   (``--cifar_epochs=auto``: a short calibration run of the same config
-  measures its images/s first); classifier (also with flip test-time augmentation,
-  airbench's metric, when the config sets ``eval.tta_flip``) / kNN /
+  measures its images/s first); classifier (also with flip, and flip +
+  translate, test-time augmentation, airbench's metric, when the config sets
+  ``eval.tta_flip`` / ``eval.tta_translate``) / kNN /
   linear-probe top-1 on the validation split, wall time and images/s.
 
 By default (``--isolate``) each part runs in a subprocess of its own: a
@@ -668,6 +669,15 @@ def _rows_tiled(part: dict) -> list[list[str]]:
   return rows
 
 
+def _tta_note(result: dict) -> str:
+  """`` (94.6% with flip TTA, 94.7% with flip + translate)`` or ``""``."""
+  notes = [f"{_pct(result[key])} with {what}" for key, what in (
+      ("classifier_top1_tta_flip", "flip TTA"),
+      ("classifier_top1_tta_flip_translate", "flip + translate"))
+           if result.get(key) is not None]
+  return f" ({', '.join(notes)})" if notes else ""
+
+
 def _rows_cifar(part: dict) -> list[list[str]]:
   r = part.get("result")
   if not r:
@@ -687,10 +697,7 @@ def _rows_cifar(part: dict) -> list[list[str]]:
       "CIFAR-10",
       f"{r.get('config_summary', '')}; validation = 5,000 held-out train"
       " images",
-      f"classifier {_pct(r.get('classifier_top1'))}"
-      + (f" ({_pct(r['classifier_top1_tta_flip'])} with flip TTA)"
-         if r.get("classifier_top1_tta_flip") is not None else "")
-      + ", kNN"
+      f"classifier {_pct(r.get('classifier_top1'))}{_tta_note(r)}, kNN"
       f" {_pct(r.get('knn_top1'))}, linear probe"
       f" {_pct(r.get('linear_probe_top1'))}",
       f"{notes}{r.get('epochs', 0):.1f} epochs, training loop"

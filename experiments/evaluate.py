@@ -4,6 +4,8 @@
     python -m experiments.evaluate --workdir=/tmp/simclr --split=test \
         --data_dir=../shared/data
     python -m experiments.evaluate --workdir=/tmp/triplet_ce --tta_flip
+    python -m experiments.evaluate --workdir=/tmp/triplet_ce --tta_flip \
+        --tta_translate   # airbench94's test-time augmentation
     python -m experiments.evaluate --workdir=/tmp/ema_run --online_weights
 
 Queries come from --split, references (kNN, linear-probe training, hash
@@ -30,6 +32,11 @@ _TTA_FLIP = flags.DEFINE_bool(
     "Average each image's outputs with its mirror image's (test-time"
     " augmentation; for models trained with flips). Writes"
     " <split>_tta_flip.json.")
+_TTA_TRANSLATE = flags.DEFINE_bool(
+    "tta_translate", False,
+    "Average each image's outputs (0.5) with those of its two one-pixel"
+    " translations (0.25 each; with --tta_flip, airbench94's test-time"
+    " augmentation). Writes <split>_tta[_flip]_translate.json.")
 _ONLINE = flags.DEFINE_bool(
     "online_weights", False,
     "For a run that kept a weight average (ema_decay > 0): evaluate its"
@@ -46,13 +53,16 @@ def main(argv):
     result = report.evaluate_workdir(wf.WORKDIR.value, wf.SPLIT.value,
                                      data_dir=wf.DATA_DIR.value,
                                      tta_flip=_TTA_FLIP.value,
+                                     tta_translate=_TTA_TRANSLATE.value,
                                      online=_ONLINE.value)
   except report.EvaluationError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(report.format_table(result))
   path = report.eval_path(wf.WORKDIR.value, wf.SPLIT.value,
-                          tta_flip=_TTA_FLIP.value, online=_ONLINE.value)
+                          tta_flip=_TTA_FLIP.value,
+                          tta_translate=_TTA_TRANSLATE.value,
+                          online=_ONLINE.value)
   print(f"wrote {path}")
   return 0
 

@@ -5,6 +5,7 @@ trained once for the module; the report is computed from its checkpoint and
 checked against the run's own results.json.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -122,11 +123,55 @@ def test_tta_flip(run, evaluated):
   with open(report.eval_path(workdir, "validation")) as f:
     assert json.load(f) == evaluated  # the plain report is kept
   assert "flip test-time augmentation" in report.format_table(res)
-  with pytest.raises(ValueError, match="tta_flip"):
+  with pytest.raises(ValueError, match="tta_flip=False"):
     report.evaluate_workdir(workdir, "validation", prepared=prepared,
                             tta_flip=True)
   with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
     report.embed_outputs(prepared.run, images[:, 0], tta_flip=True)
+
+
+def test_tta_translate(run, evaluated):
+  workdir, _, prepared = run
+  images = prepared.query_images[:32]
+  out = functools.partial(report.embed_outputs, prepared.run)
+  # Independent reference: airbench94's infer_mirror_translate, with the
+  # views built by NumPy from plain (unaugmented) outputs.
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  h, w = images.shape[1:3]
+  views = [images, padded[:, :h, :w], padded[:, 2:, 2:]]
+
+  def mirror(x):
+    return {k: (np.float64(a) + b) / 2 for (k, a), b in zip(
+        out(x).items(), out(x[:, :, ::-1]).values())}
+
+  for flip, view_out in ((False, out), (True, mirror)):
+    per_view = [view_out(v) for v in views]
+    got = out(images, tta_flip=flip, tta_translate=True)
+    for key in got:
+      want = (0.5 * per_view[0][key] + 0.25 * per_view[1][key]
+              + 0.25 * per_view[2][key])
+      np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{key}, tta_flip={flip}")
+    assert not np.allclose(got["features"], per_view[0]["features"])
+  # A constant image is its own translation.
+  const = np.broadcast_to(images[:, :1, :1], images.shape)
+  for key, value in out(const, tta_translate=True).items():
+    np.testing.assert_allclose(value, out(const)[key], rtol=1e-4, atol=1e-5)
+  res = report.evaluate_workdir(workdir, "validation", tta_flip=True,
+                                tta_translate=True)
+  assert res["tta_flip"] and res["tta_translate"]
+  assert not evaluated["tta_translate"]
+  path = report.eval_path(workdir, "validation", tta_flip=True,
+                          tta_translate=True)
+  assert path.endswith("eval/validation_tta_flip_translate.json")
+  with open(path) as f:
+    assert json.load(f) == res
+  assert "translation test-time augmentation" in report.format_table(res)
+  with pytest.raises(ValueError, match="tta_translate"):
+    report.evaluate_workdir(workdir, "validation", prepared=prepared,
+                            tta_translate=True)
+  with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+    out(images[:, 0], tta_translate=True)
 
 
 def test_visualize_pngs(run, evaluated):

@@ -125,6 +125,7 @@ def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
   if family == "triplet_ce":
     c.ema_decay = 0.5
     c.eval.tta_flip = True
+    c.eval.tta_translate = True
   res = training.train_and_evaluate(c, str(tmp_path))
   assert res["status"] == "completed" and res["step"] == 1
   assert np.isfinite(res["final_loss"])
@@ -137,12 +138,16 @@ def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
     # The weight average is evaluated; the online weights beside it.
     assert 0.0 <= res["online_classifier_top1"] <= 1.0
     assert 0.0 <= res["online_knn_top1"] <= 1.0
-    # eval.tta_flip: the classifier with flip TTA, as experiments.evaluate
-    # --tta_flip computes it from the checkpoint.
+    # eval.tta_flip / tta_translate: the classifier with flip (+ translate)
+    # TTA, as experiments.evaluate --tta_flip [--tta_translate] computes it
+    # from the checkpoint.
     from contrastive_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-    tta = report.evaluate_workdir(str(tmp_path), "validation", tta_flip=True)
-    assert res["classifier_top1_tta_flip"] == pytest.approx(
-        tta["heads"]["classifier_top1"], abs=1.5 / tta["num_queries"])
+    for translate in (False, True):
+      tta = report.evaluate_workdir(str(tmp_path), "validation",
+                                    tta_flip=True, tta_translate=translate)
+      name = "classifier_top1_tta_flip" + ("_translate" if translate else "")
+      assert res[name] == pytest.approx(tta["heads"]["classifier_top1"],
+                                        abs=1.5 / tta["num_queries"])
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["step"] == 1 and saved["devices"] == 2
   assert json.loads((tmp_path / "config.json").read_text())["dataset"] == (

@@ -117,6 +117,7 @@ class Prepared:
   num_classes: int
   class_names: list[str]
   tta_flip: bool = False
+  tta_translate: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -226,20 +227,22 @@ def load_run(workdir: str, *, data_dir: str | None = None,
              online=online)
 
 
-def embed_outputs(run: Run, images: np.ndarray, *,
-                  tta_flip: bool = False) -> dict[str, np.ndarray]:
+def embed_outputs(run: Run, images: np.ndarray, *, tta_flip: bool = False,
+                  tta_translate: bool = False) -> dict[str, np.ndarray]:
   """The model's evaluated outputs (float32) for ``images``, in eval mode.
 
   ``tta_flip``: test-time augmentation by horizontal flip, as airbench
   evaluates: features, embeddings and logits are the mean of the outputs for
   each image and its mirror image (hash ``codes`` stay those of the image:
-  averaging signs would give zero bits). Only meaningful for models trained
-  with flips.
+  averaging signs would give zero bits). ``tta_translate``: also averaged
+  over one-pixel translations (airbench's ``tta_level=2`` with
+  ``tta_flip``; see ``loop.model_outputs``). Only meaningful for models
+  trained with flips / crops.
   """
   return loop.model_outputs(
       run.model, run.variables, images, keys=_OUTPUT_KEYS,
       batch_size=int(run.config.eval.get("batch_size", 512)), mesh=run.mesh,
-      tta_flip=tta_flip)
+      tta_flip=tta_flip, tta_translate=tta_translate)
 
 
 def check_finite(outputs: Mapping[str, np.ndarray], what: str) -> None:
@@ -274,11 +277,12 @@ def class_names_for(config, num_classes: int) -> list[str]:
 
 def prepare(workdir: str, split: str = "validation", *,
             data_dir: str | None = None, tta_flip: bool = False,
-            online: bool = False) -> Prepared:
+            tta_translate: bool = False, online: bool = False) -> Prepared:
   """Restores ``workdir``'s run and embeds its training split and ``split``.
 
-  ``tta_flip``: both splits are embedded with flip test-time augmentation
-  (see ``embed_outputs``). ``online``: see ``load_run``.
+  ``tta_flip`` / ``tta_translate``: both splits are embedded with flip /
+  translation test-time augmentation (see ``embed_outputs``). ``online``:
+  see ``load_run``.
 
   Raises:
     EvaluationError: see ``load_run``; ``split`` not in ``EVAL_SPLITS`` or
@@ -296,9 +300,10 @@ def prepare(workdir: str, split: str = "validation", *,
   run = load_run(workdir, data_dir=data_dir,
                  num_classes=int(train_labels.max()) + 1,
                  image_shape=train_images.shape[1:], online=online)
-  train = embed_outputs(run, train_images, tta_flip=tta_flip)
+  tta = dict(tta_flip=tta_flip, tta_translate=tta_translate)
+  train = embed_outputs(run, train_images, **tta)
   check_finite(train, f"training-split outputs of checkpoint {run.step}:")
-  query = embed_outputs(run, query_images, tta_flip=tta_flip)
+  query = embed_outputs(run, query_images, **tta)
   check_finite(query, f"{split}-split outputs of checkpoint {run.step}:")
   num_classes = max(run.num_classes, int(query_labels.max()) + 1)
   return Prepared(run=run, split=split, train=train, train_labels=train_labels,
@@ -306,7 +311,7 @@ def prepare(workdir: str, split: str = "validation", *,
                   query_labels=query_labels, query_images=query_images,
                   num_classes=num_classes,
                   class_names=class_names_for(run.config, num_classes),
-                  tta_flip=tta_flip)
+                  **tta)
 
 
 # ----------------------------------------------------------------------------
@@ -439,9 +444,9 @@ def _json_safe(obj):
 
 
 def eval_path(workdir: str, split: str, *, tta_flip: bool = False,
-              online: bool = False) -> str:
-  name = split + ("_online" if online else "") + (
-      "_tta_flip" if tta_flip else "")
+              tta_translate: bool = False, online: bool = False) -> str:
+  name = split + ("_online" if online else "") + loop.tta_suffix(
+      tta_flip=tta_flip, tta_translate=tta_translate)
   return os.path.join(os.path.abspath(workdir), "eval", name + ".json")
 
 
@@ -449,26 +454,33 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
                      data_dir: str | None = None,
                      prepared: Prepared | None = None,
                      tta_flip: bool = False,
+                     tta_translate: bool = False,
                      online: bool = False) -> dict[str, Any]:
   """Computes every metric of ``workdir``'s latest checkpoint on ``split``.
 
   Writes ``workdir/eval/<split>.json`` (``<split>_online`` with ``online``,
-  ``..._tta_flip.json`` with ``tta_flip``; NaN written as null) and returns
-  the same dict: ``workdir``, ``split``, ``step``, ``dataset``, ``tta_flip``,
-  ``weights`` (``"average"`` or ``"online"``), ``num_train``,
-  ``num_queries``, ``num_classes`` and the entries of ``compute_metrics``.
+  then ``_tta_flip`` / ``_tta_translate`` / ``_tta_flip_translate`` with
+  test-time augmentation; NaN written as null) and returns the same dict:
+  ``workdir``, ``split``, ``step``, ``dataset``, ``tta_flip``,
+  ``tta_translate``, ``weights`` (``"average"`` or ``"online"``),
+  ``num_train``, ``num_queries``, ``num_classes`` and the entries of
+  ``compute_metrics``.
 
   Raises:
     EvaluationError: see ``prepare``.
-    ValueError: ``prepared`` was made with another ``tta_flip`` or
-      ``online``.
+    ValueError: ``prepared`` was made with another ``tta_flip``,
+      ``tta_translate`` or ``online``.
   """
-  p = prepared or prepare(workdir, split, data_dir=data_dir, tta_flip=tta_flip,
-                          online=online)
-  if (p.tta_flip, p.run.online) != (tta_flip, online):
+  tta = dict(tta_flip=tta_flip, tta_translate=tta_translate)
+  p = prepared or prepare(workdir, split, data_dir=data_dir, online=online,
+                          **tta)
+  if (p.tta_flip, p.tta_translate, p.run.online) != (
+      tta_flip, tta_translate, online):
     raise ValueError(
-        f"prepared has tta_flip={p.tta_flip}, online={p.run.online}; asked"
-        f" for tta_flip={tta_flip}, online={online}.")
+        f"prepared has tta_flip={p.tta_flip},"
+        f" tta_translate={p.tta_translate}, online={p.run.online}; asked for"
+        f" tta_flip={tta_flip}, tta_translate={tta_translate},"
+        f" online={online}.")
   ec = p.run.config.eval
   metrics = compute_metrics(
       p.train, p.train_labels, p.query, p.query_labels,
@@ -481,12 +493,13 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
   result = _json_safe({
       "workdir": p.run.workdir, "split": p.split, "step": p.run.step,
       "dataset": p.run.config.dataset, "tta_flip": bool(tta_flip),
+      "tta_translate": bool(tta_translate),
       "weights": "average" if (p.run.config.get("ema_decay", 0.0)
                                and not online) else "online",
       "num_train": int(p.train_labels.shape[0]),
       "num_queries": int(p.query_labels.shape[0]),
       "num_classes": p.num_classes, **metrics})
-  path = eval_path(p.run.workdir, p.split, tta_flip=tta_flip, online=online)
+  path = eval_path(p.run.workdir, p.split, online=online, **tta)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   loop.write_json(path, result)
   return result
@@ -506,6 +519,8 @@ def format_table(result: Mapping[str, Any]) -> str:
            f" checkpoint step {result['step']}"
            + (", flip test-time augmentation" if result.get("tta_flip")
               else "")
+           + (", translation test-time augmentation"
+              if result.get("tta_translate") else "")
            + (", weight average (EMA)" if result.get("weights") == "average"
               else "")]
   for prefix, key in (("kNN", "knn"), ("kNN (loss embedding)",

@@ -137,7 +137,10 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
   classifier head and of the online probe, and Hamming-ranking mAP of hash
   codes (validation queries against the training set); with
   ``config.eval.tta_flip``, also the classifier head's top-1 with flip
-  test-time augmentation (``classifier_top1_tta_flip``). The weights are
+  test-time augmentation (``classifier_top1_tta_flip``), and with
+  ``config.eval.tta_translate`` with translations too
+  (``classifier_top1_tta_flip_translate``, or ``..._tta_translate`` without
+  ``tta_flip``; see ``model_outputs``). The weights are
   those of ``eval_variables(state, online=online)``; ``data`` is
   ``load_eval_data(config, splits)`` when the caller already has it.
   """
@@ -174,41 +177,82 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
                     ("online_probe_top1", "probe_logits")):
     if key in va:
       res[name] = float(np.mean(np.argmax(va[key], -1) == val_y))
-  if ec.get("tta_flip", False) and "logits" in va and np.ndim(val_x) == 4:
-    # airbench's headline metric: the classifier with flip test-time
-    # augmentation. One more pass over the queries only.
-    logits = embed(val_x, keys=("logits",), tta_flip=True)["logits"]
-    res["classifier_top1_tta_flip"] = float(
-        np.mean(np.argmax(logits, -1) == val_y))
+  if "logits" in va and np.ndim(val_x) == 4:
+    # airbench's headline metric: the classifier with test-time
+    # augmentation. One more pass over the queries only per kind.
+    flip = bool(ec.get("tta_flip", False))
+    ttas = [dict(tta_flip=True, tta_translate=False)] if flip else []
+    if ec.get("tta_translate", False):
+      ttas.append(dict(tta_flip=flip, tta_translate=True))
+    for tta in ttas:
+      logits = embed(val_x, keys=("logits",), **tta)["logits"]
+      res["classifier_top1" + tta_suffix(**tta)] = float(
+          np.mean(np.argmax(logits, -1) == val_y))
   if "codes" in va:
     res["hash_map"] = float(evaluation.hash_retrieval_map(
         va["codes"], val_y, tr["codes"], train_y))
   return res
 
 
+def tta_suffix(*, tta_flip: bool, tta_translate: bool) -> str:
+  """``"_tta_flip"``, ``"_tta_translate"``, ``"_tta_flip_translate"`` or ``""``.
+
+  Names the metrics and report files of a test-time augmentation.
+  """
+  if not (tta_flip or tta_translate):
+    return ""
+  return "_tta" + ("_flip" if tta_flip else "") + (
+      "_translate" if tta_translate else "")
+
+
+def translated_views(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """airbench's two translations of ``x`` ``[N, H, W, C]`` by one pixel.
+
+  Up-left and down-right (both axes at once), the border filled by
+  reflection, as ``infer_mirror_translate`` of airbench94.
+  """
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  return padded[:, :h, :w], padded[:, 2:, 2:]
+
+
 def model_outputs(model, variables, images, *, keys, batch_size: int, mesh,
-                  tta_flip: bool = False):
+                  tta_flip: bool = False, tta_translate: bool = False):
   """The model's eval-mode outputs named in ``keys`` (float32) for ``images``.
 
-  ``tta_flip``: flip test-time augmentation; every output but hash ``codes``
-  (averaged signs would be zero bits) is the mean of the outputs for the
-  image and its mirror image, both computed on device in the same pass.
+  Test-time augmentation, computed on device in the same pass; every output
+  but hash ``codes`` (averaged signs would be zero bits, so codes stay the
+  plain image's) is averaged:
+
+  * ``tta_flip``: the mean of the outputs for the image and its mirror image;
+  * ``tta_translate``: 0.5 x the output for the image plus 0.25 x each of
+    its two one-pixel translations (``translated_views``), each of the three
+    flip-averaged too with ``tta_flip``. Both together are airbench94's
+    ``tta_level=2``.
   """
-  if tta_flip and np.ndim(images) != 4:
-    raise ValueError("tta_flip needs images of shape [N, H, W, C], got"
-                     f" {np.shape(images)}.")
+  if (tta_flip or tta_translate) and np.ndim(images) != 4:
+    raise ValueError("Test-time augmentation needs images of shape"
+                     f" [N, H, W, C], got {np.shape(images)}.")
 
   def apply(v, x):
     out = model.apply(v, x, train=False)
     return {k: out[k].astype(jnp.float32) for k in keys if k in out}
 
+  def mix(outs, weights):
+    return {k: outs[0][k] if k == "codes" else
+            sum(w * o[k] for w, o in zip(weights, outs))
+            for k in outs[0]}
+
+  def flip_averaged(v, x):
+    if not tta_flip:
+      return apply(v, x)
+    return mix([apply(v, x), apply(v, x[:, :, ::-1])], (0.5, 0.5))
+
   def forward(v, x):
-    out = apply(v, x)
-    if tta_flip:
-      mirrored = apply(v, x[:, :, ::-1])
-      out = {k: o if k == "codes" else (o + mirrored[k]) / 2.0
-             for k, o in out.items()}
-    return out
+    if not tta_translate:
+      return flip_averaged(v, x)
+    return mix([flip_averaged(v, t) for t in (x, *translated_views(x))],
+               (0.5, 0.25, 0.25))
 
   return evaluation.embed(forward, variables, images, batch_size=batch_size,
                           mesh=mesh)

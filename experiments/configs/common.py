@@ -58,8 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       final=True, knn_k=20, knn_temperature=0.07, probe_steps=500,
       probe_learning_rate=1e-3, batch_size=512,
       # Also report the classifier head's top-1 with flip test-time
-      # augmentation (classifier_top1_tta_flip; one more validation pass).
-      tta_flip=False))
+      # augmentation (classifier_top1_tta_flip; one more validation pass),
+      # and with one-pixel translations as well (tta_translate:
+      # classifier_top1_tta_flip_translate, airbench94's tta_level=2).
+      tta_flip=False, tta_translate=False))
   c.num_devices = 0        # 0: all devices
   c.progress_bar = True
   c.distributed = ml_collections.ConfigDict(dict(
