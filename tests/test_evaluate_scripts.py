@@ -138,25 +138,29 @@ def test_tta_translate(run, evaluated):
   # views built by NumPy from plain (unaugmented) outputs.
   padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
   h, w = images.shape[1:3]
-  views = [images, padded[:, :h, :w], padded[:, 2:, 2:]]
+  views = np.concatenate([images, padded[:, :h, :w], padded[:, 2:, 2:]])
+  n = len(images)
+  plain, mirrored = out(views), out(views[:, :, ::-1])  # one batch each
 
-  def mirror(x):
-    return {k: (np.float64(a) + b) / 2 for (k, a), b in zip(
-        out(x).items(), out(x[:, :, ::-1]).values())}
+  def split_views(outputs):
+    return [{k: np.float64(v[i * n:(i + 1) * n]) for k, v in outputs.items()}
+            for i in range(3)]
 
-  for flip, view_out in ((False, out), (True, mirror)):
-    per_view = [view_out(v) for v in views]
+  flip_mean = {k: (np.float64(v) + mirrored[k]) / 2 for k, v in plain.items()}
+  for flip, by_view in ((False, split_views(plain)),
+                        (True, split_views(flip_mean))):
     got = out(images, tta_flip=flip, tta_translate=True)
     for key in got:
-      want = (0.5 * per_view[0][key] + 0.25 * per_view[1][key]
-              + 0.25 * per_view[2][key])
+      want = (0.5 * by_view[0][key] + 0.25 * by_view[1][key]
+              + 0.25 * by_view[2][key])
       np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-5,
                                  err_msg=f"{key}, tta_flip={flip}")
-    assert not np.allclose(got["features"], per_view[0]["features"])
+    assert not np.allclose(got["features"], by_view[0]["features"])
   # A constant image is its own translation.
   const = np.broadcast_to(images[:, :1, :1], images.shape)
+  const_plain = out(const)
   for key, value in out(const, tta_translate=True).items():
-    np.testing.assert_allclose(value, out(const)[key], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(value, const_plain[key], rtol=1e-4, atol=1e-5)
   res = report.evaluate_workdir(workdir, "validation", tta_flip=True,
                                 tta_translate=True)
   assert res["tta_flip"] and res["tta_translate"]
