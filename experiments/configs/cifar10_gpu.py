@@ -34,7 +34,8 @@ are left out; its test-time augmentation is reported beside the plain
 ``classifier_top1`` in ``results.json``, as airbench's 94% is measured with
 it: flips as ``classifier_top1_tta_flip`` (``eval.tta_flip``), flips and
 one-pixel translations (airbench94's ``tta_level=2``) as
-``classifier_top1_tta_flip_translate`` (``eval.tta_translate``). The JPEG re-encoding of the training images may cost about a point.
+``classifier_top1_tta_flip_translate`` (``eval.tta_translate``). The JPEG
+re-encoding of the training images may cost about a point.
 
 Hardware: one GPU (written for an H200). Result: not yet measured on an H200.
 On the 2-core CPU, 4 epochs only (experiments/RESULTS.md, "The GPU config on
