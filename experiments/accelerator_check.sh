@@ -39,25 +39,7 @@
 
 cd "$(dirname "$0")/.." || exit 1
 
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "accelerator_check.sh: installing .whl/*.whl failed; going on with what is installed." >&2
-  fi
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-
-if ! python3 -c "import ml_collections, jax" 2>/dev/null; then
-  echo "accelerator_check.sh: python3 cannot import ml_collections and jax:" \
-       "carry .whl (see the top of this file)." >&2
-  python3 -c "import ml_collections, jax"
-  exit 1
-fi
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-fi
+source experiments/device_env.sh
 
 timeout -k 20 570 python3 -m experiments.accelerator_check \
     --out_dir="${OUT:-./accelerator_check_out}" "$@"

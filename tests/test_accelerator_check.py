@@ -108,6 +108,10 @@ def test_cifar_config_variants():
                      "sgd,runlocal")
   assert s.optimizer.name == "sgd" and s.optimizer.nesterov
   assert s.num_steps == 5 and s.batch_size == 32
+  r = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                     "sgd,resnet18")
+  assert r.model.backbone == "resnet18" and not r.model.backbone_kwargs
+  assert r.optimizer.name == "sgd" and r.loss.ce_weight == c.loss.ce_weight
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 

@@ -41,14 +41,16 @@ Hardware: one GPU (written for an H200). Result: not yet measured on an H200.
 On the 2-core CPU, 4 epochs only (experiments/RESULTS.md, "The GPU config on
 the CPU"): 81.28% classifier top-1 (81.88% with flip TTA), against 80.28%
 for ``:sgd`` with the same warmup; both train stably in bfloat16.
+``resnet18``: the ResNet-18 (CIFAR stem, 512-d features) of the SimCLR and
+SupCon configs in place of the FastCNN, same head and loss.
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
-a CPU). Arguments combine with commas: ``:sgd,runlocal``.
+a CPU). Arguments combine with commas: ``:sgd,resnet18``.
 """
 
 from experiments.configs import common
 
 EPOCHS = 20
-ARGS = ("sgd", "runlocal")
+ARGS = ("sgd", "resnet18", "runlocal")
 
 
 def get_config(arg: str | None = None):
@@ -80,6 +82,9 @@ def get_config(arg: str | None = None):
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 5e-4
     c.optimizer.warmup_epochs = 2.0
+  if "resnet18" in args:
+    c.model.backbone = "resnet18"
+    c.model.backbone_kwargs = {}
   # One checkpoint, at the end: saving costs time the budget is about.
   c.checkpoint.every_steps = 100_000
   c.checkpoint.keep = 1

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Several CIFAR-10 training runs side by side on one GPU, as the GPU machine
+# runs them, from the repository root. Each argument is one run: a name, then
+# the flags of `python -m experiments.train` (its --config first):
+#
+#   run(command="bash experiments/accelerator_sweep.sh \
+#       'sgd_ls --config=experiments/configs/cifar10_gpu.py:sgd --config.loss.label_smoothing=0.2' \
+#       'r18 --config=experiments/configs/cifar10_gpu.py:resnet18 --config.num_epochs=60'",
+#       carry=[".whl", ".datatar"], timeout_s=450)
+#
+# Prepare .whl and .datatar as the header of accelerator_check.sh says. The
+# runs share the GPU (each may take SWEEP_MEM_FRACTION of its memory, default
+# 0.9 / runs) and the CPU cores, so their images/s are not each one's speed
+# alone; their accuracies are what they would be alone. Each is stopped after
+# SWEEP_TIMEOUT_S seconds (default 380). Printed at the end: one line per run
+# from its results.json. $OUT/sweep.tgz holds each run's results.json,
+# metrics.jsonl and log (no checkpoints).
+#
+# CPU smoke test (two tiny runs, about a minute):
+#
+#   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/sweep_out JAX_PLATFORMS=cpu bash experiments/accelerator_sweep.sh \
+#       'a --config=experiments/configs/cifar10_gpu.py:runlocal --config.data_dir=../shared/data' \
+#       'b --config=experiments/configs/cifar10_gpu.py:resnet18,runlocal --config.data_dir=../shared/data'
+
+cd "$(dirname "$0")/.." || exit 1
+source experiments/device_env.sh
+
+out=${OUT:-./accelerator_sweep_out}
+root=$(mktemp -d /tmp/sweep.XXXXXX)
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${SWEEP_MEM_FRACTION:-$(python3 -c "print(round(0.9 / max(1, $#), 3))")}
+
+names=()
+for spec in "$@"; do
+  read -r name flags <<< "$spec"
+  names+=("$name")
+  mkdir -p "$root/$name"
+  # shellcheck disable=SC2086  # the flags are meant to split into words
+  timeout -k 10 "${SWEEP_TIMEOUT_S:-380}" python3 -m experiments.train \
+      $flags --config.data_dir=./.data --workdir="$root/$name/workdir" \
+      > "$root/$name/log" 2>&1 &
+done
+echo "started ${#names[@]} runs: ${names[*]} (memory fraction $XLA_PYTHON_CLIENT_MEM_FRACTION each)"
+wait
+
+for name in "${names[@]}"; do
+  w="$root/$name/workdir"
+  for f in results.json metrics.jsonl; do
+    [ -f "$w/$f" ] && cp "$w/$f" "$root/$name/$f"
+  done
+  rm -rf "$w"
+  python3 - "$name" "$root/$name" <<'PY'
+import json, os, sys
+name, d = sys.argv[1], sys.argv[2]
+try:
+  r = json.load(open(os.path.join(d, "results.json")))
+except OSError:
+  tail = open(os.path.join(d, "log"), errors="replace").read().strip().splitlines()[-3:]
+  print(f"{name}: NO RESULT; log tail: {' / '.join(tail)}")
+  sys.exit()
+keys = ("classifier_top1", "classifier_top1_tta_flip",
+        "classifier_top1_tta_flip_translate", "knn_top1", "linear_probe_top1")
+figs = ", ".join(f"{k} {100 * r[k]:.2f}" for k in keys if r.get(k) is not None)
+print(f"{name}: {figs}; step {r.get('step')}/{r.get('total_steps')},"
+      f" {r.get('images_per_sec', 0):,.0f} img/s (shared),"
+      f" wall {r.get('wall_time_s', 0):.0f} s, {r.get('status')}")
+PY
+done
+tar czf "$out/sweep.tgz" -C "$root" "${names[@]}"
