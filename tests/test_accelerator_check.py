@@ -28,6 +28,22 @@ def test_tiled_part_tiny():
   json.dumps(r)  # everything is JSON-serialisable
 
 
+def test_step_flops_falls_back_to_analytic_when_xla_misses_convolutions():
+  assert ac.step_flops(0.9e12, 1.0e12) == (0.9e12, "xla")
+  # the H200 record: XLA counted 0.028 of 3.42 TFLOP (no cuDNN convolutions)
+  assert ac.step_flops(0.028e12, 3.42e12) == (3.42e12, "analytic")
+  assert ac.step_flops(None, 3.42e12) == (3.42e12, "analytic")
+  step = {"batch_size": 512, "views": 2, "dtype": "bfloat16", "steps": 20,
+          "step_time_s": 0.0115, "images_per_s": 44_339.0,
+          "views_per_s": 88_678.0, "compile_s": 28.0,
+          "flops_per_step": 0.028e12, "analytic_flops_per_step": 3.42e12,
+          "peak_tflops": 989.0, "mfu": 0.002, "peak_bytes_in_use": None}
+  table = ac.format_table({"meta": {}, "parts": {
+      "train_step": {"runs": [step]}}})
+  # 3.42 TFLOP / 11.5 ms / 989 TFLOP/s = 30.1%
+  assert "MFU 30.1% (analytic FLOPs)" in table
+
+
 def test_min_time_single_call_when_slow():
   calls = []
   t, runs = ac.min_time(lambda: calls.append(1), repeats=2, budget_s=-1.0)
