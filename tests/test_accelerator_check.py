@@ -128,6 +128,14 @@ def test_cifar_config_variants():
                      "sgd,resnet18")
   assert r.model.backbone == "resnet18" and not r.model.backbone_kwargs
   assert r.optimizer.name == "sgd" and r.loss.ce_weight == c.loss.ce_weight
+  assert not c.loss.get("label_smoothing", 0.0)
+  assert ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                        "smooth").loss.label_smoothing == 0.2
+  # the accelerator check's default: the best recipe measured on the H200
+  assert ac._CONFIG_ARG.default == "sgd,resnet18,smooth"
+  best = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                        ac._CONFIG_ARG.default)
+  assert best.model.backbone == "resnet18" and best.loss.label_smoothing == 0.2
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 

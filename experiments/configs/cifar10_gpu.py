@@ -4,7 +4,7 @@
         --workdir=/tmp/cifar10_gpu --config.data_dir=./.data
     python -m experiments.train --config=experiments/configs/cifar10_gpu.py:runlocal \
         --workdir=/tmp/cifar10_gpu_runlocal --config.data_dir=../shared/data
-    # part c of the accelerator check (issue 7) runs this config:
+    # part c of the accelerator check (issue 7) runs :sgd,resnet18,smooth:
     python -m experiments.accelerator_check --parts=cifar --data_dir=./.data
 
 The aim is airbench's (Jordan, 2024): 94% top-1 within a few minutes of one
@@ -20,7 +20,7 @@ and augmented by jitted JAX, random 4-pixel-padded crop + horizontal flip),
 one view per image, batch 512, 20 epochs (1,740 steps on the 45,000 training
 images: the last 5,000 of the train folder, 500 per class, are the
 validation split that the results report). The accelerator check replaces
-the 20 epochs by as many as its 5-minute training budget fits, up to 50,
+the 20 epochs by as many as its 5-minute training budget fits, up to 200,
 measured by a short calibration run first (``--cifar_epochs=auto``).
 
 Loss: cross-entropy of a classifier head on the 256-d features, plus 0.5 x
@@ -29,28 +29,43 @@ the same features. AdamW (lr 3e-3, decoupled weight decay 5e-2 on weights
 only), one warmup epoch then cosine to 0: the AdamW recipe of
 ``common.cpu_cifar``, which trains stably here on CPU; ``:sgd`` swaps in
 SGD-Nesterov (lr 0.4, momentum 0.9, weight decay 5e-4), the fast-CIFAR
-ResNet-9 recipe, for comparison. airbench's lookahead and label smoothing
-are left out; its test-time augmentation is reported beside the plain
+ResNet-9 recipe, for comparison. airbench's label smoothing is ``:smooth``;
+its lookahead is left out; its test-time augmentation is reported beside the plain
 ``classifier_top1`` in ``results.json``, as airbench's 94% is measured with
 it: flips as ``classifier_top1_tta_flip`` (``eval.tta_flip``), flips and
 one-pixel translations (airbench94's ``tta_level=2``) as
 ``classifier_top1_tta_flip_translate`` (``eval.tta_translate``). The JPEG
 re-encoding of the training images may cost about a point.
 
-Hardware: one GPU (written for an H200). Result: not yet measured on an H200.
-On the 2-core CPU, 4 epochs only (experiments/RESULTS.md, "The GPU config on
-the CPU"): 81.28% classifier top-1 (81.88% with flip TTA), against 80.28%
+Hardware: one GPU (written for an H200). Measured on one H200, 2026-11-29
+(experiments/RESULTS.md, "Accelerator"; top-1 on the 5,000 validation
+images: plain / flip TTA / flip + translate TTA):
+
+* this config, 50 epochs (the accelerator check's fit): 88.58 / 89.92 /
+  89.98, in a 27 s training loop at 93,558 images/s;
+* ``--config.loss.label_smoothing=0.2`` (now ``:smooth``), 50 epochs:
+  89.68 / 90.18 / 90.22; ``:sgd,smooth``: 89.38 / 90.26 / 90.70, and
+  89.56 / 90.48 / 90.92 at 100 epochs;
+* ``:sgd,resnet18,smooth``, 100 epochs, the best: 91.08 / 92.02 / 92.04 in
+  156 s wall (a 63 s training loop at 70,370 images/s). The accelerator
+  check now runs this one, for as many epochs (up to 200) as its budget fits.
+
+Every run ends at 99.7-99.95% training accuracy: the 94% target is missed by
+generalisation, not by training time. On the 2-core CPU, 4 epochs only
+("The GPU config on the CPU"): 81.28% (81.88% with flip TTA), against 80.28%
 for ``:sgd`` with the same warmup; both train stably in bfloat16.
+``smooth``: label smoothing 0.2 on the classifier's cross-entropy (+1.1
+plain at 50 epochs on the H200).
 ``resnet18``: the ResNet-18 (CIFAR stem, 512-d features) of the SimCLR and
 SupCon configs in place of the FastCNN, same head and loss.
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
-a CPU). Arguments combine with commas: ``:sgd,resnet18``.
+a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth``.
 """
 
 from experiments.configs import common
 
 EPOCHS = 20
-ARGS = ("sgd", "resnet18", "runlocal")
+ARGS = ("sgd", "resnet18", "smooth", "runlocal")
 
 
 def get_config(arg: str | None = None):
@@ -85,6 +100,8 @@ def get_config(arg: str | None = None):
   if "resnet18" in args:
     c.model.backbone = "resnet18"
     c.model.backbone_kwargs = {}
+  if "smooth" in args:
+    c.loss.label_smoothing = 0.2
   # One checkpoint, at the end: saving costs time the budget is about.
   c.checkpoint.every_steps = 100_000
   c.checkpoint.keep = 1
