@@ -93,6 +93,32 @@ def test_augment_shapes_ranges(augment):
     assert not np.allclose(out[:, 0], out[:, 1])  # views differ
 
 
+def test_crop_flip_cutout_against_numpy():
+  """Cutout after the same crop + flip: a 16 x 16 square of CUTOUT_FILL
+  centred at (floor(32 u3), floor(32 u4)), clipped at the borders."""
+  rng = np.random.RandomState(4)
+  imgs = (rng.rand(6, 32, 32, 3) * 255).astype(np.uint8)
+  u = rng.rand(6, 1, 5).astype(np.float32)
+  u[0, 0, 3:] = 0.0     # centre (0, 0): rows and columns 0..7 only
+  u[1, 0, 3:] = 0.9999  # centre (31, 31): rows and columns 23..31
+  u[2, 0, 3:] = 0.5     # centre (16, 16): the whole square, 8..23
+  out = np.asarray(aj.apply_augment(imgs, u, augment="crop_flip_cutout"))
+  base = np.asarray(aj.apply_augment(imgs, u[..., :3], augment="crop_flip"))
+  cut_pixels = []
+  for i in range(6):
+    cy, cx = int(np.floor(u[i, 0, 3] * 32)), int(np.floor(u[i, 0, 4] * 32))
+    ref = base[i, 0].astype(np.float64)
+    inside = np.zeros((32, 32), bool)
+    for y in range(32):
+      for x in range(32):
+        inside[y, x] = cy - 8 <= y < cy + 8 and cx - 8 <= x < cx + 8
+    ref[inside] = 0.5
+    np.testing.assert_array_equal(out[i, 0], ref.astype(np.float32))
+    cut_pixels.append(int(inside.sum()))
+  assert cut_pixels[:3] == [8 * 8, 9 * 9, 16 * 16]
+  assert aj.CUTOUT_FILL == 0.5
+
+
 def test_augment_grayscale_channel_and_float_input():
   x = np.random.RandomState(0).rand(4, 8, 8, 1).astype(np.float32)
   out = aj.augment_views(jax.random.key(1), x, augment="simclr", views=3)
@@ -109,6 +135,11 @@ def test_public_single_view_functions():
   np.testing.assert_array_equal(
       out, aj.augment_views(jax.random.key(3), x, augment="crop_flip",
                             views=1)[:, 0])
+  cut = aj.crop_flip_cutout(jax.random.key(3), x)
+  np.testing.assert_array_equal(
+      cut, aj.augment_views(jax.random.key(3), x, augment="crop_flip_cutout"))
+  # about 19% of each image on average (a 16 x 16 square clipped at edges)
+  assert 0 < float(jnp.mean(jnp.all(cut == 0.5, axis=-1))) < 0.4
 
 
 @jax.jit

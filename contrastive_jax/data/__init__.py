@@ -22,6 +22,7 @@ from contrastive_jax.data.augment_jax import AUGMENTATIONS
 from contrastive_jax.data.augment_jax import apply_augment
 from contrastive_jax.data.augment_jax import augment_views
 from contrastive_jax.data.augment_jax import crop_flip
+from contrastive_jax.data.augment_jax import crop_flip_cutout
 from contrastive_jax.data.augment_jax import crop_flip_rotate
 from contrastive_jax.data.augment_jax import normalize
 from contrastive_jax.data.augment_jax import sample_uniforms
@@ -65,6 +66,7 @@ __all__ = [
     "batch_indices",
     "build_tf_dataset",
     "crop_flip",
+    "crop_flip_cutout",
     "crop_flip_rotate",
     "dataset_stats",
     "device_batches",

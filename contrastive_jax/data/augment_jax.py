@@ -22,6 +22,11 @@ Policies (``augment=``):
   horizontal flip with probability 1/2 (the standard CIFAR augmentation).
 * ``"crop_flip_rotate"``: the above, then a rotation by an angle uniform in
   ``[-max_degrees, max_degrees]`` (bilinear, zero fill).
+* ``"crop_flip_cutout"``: ``"crop_flip"``, then Cutout (DeVries & Taylor,
+  2017): a square of side ``min(H, W) // 2`` (16 at 32x32, their CIFAR-10
+  setting) centred uniformly anywhere in the image, clipped at its borders,
+  filled with ``CUTOUT_FILL`` (0.5: near CIFAR-10's channel means, so about
+  zero after normalisation, as their cutout of normalised images).
 * ``"crop"``, ``"crop_rotate"``: the two above without the flip (digits).
 * ``"simclr"``: SimCLR's CIFAR set: random resized crop (scale 0.08-1, aspect
   ratio 3/4-4/3, resized back to the input size), horizontal flip, colour
@@ -50,8 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "crop", "crop_rotate",
-                 "simclr")
+AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "crop_flip_cutout",
+                 "crop", "crop_rotate", "simclr")
 # Crops that never flip: for images whose mirror image is another class
 # (digits: a mirrored 2 reads as a 5). They draw the same uniforms.
 NO_FLIP = {"crop": "crop_flip", "crop_rotate": "crop_flip_rotate"}
@@ -63,6 +68,7 @@ RRC_ATTEMPTS = 10
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER_PROB = 0.8
+CUTOUT_FILL = 0.5
 GRAYSCALE_PROB = 0.2
 # ITU-R 601 luma weights, as tf.image.rgb_to_grayscale uses.
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
@@ -83,6 +89,7 @@ _NUM_UNIFORMS = {
     "none": 1,
     "crop_flip": 3,  # dy, dx, flip
     "crop_flip_rotate": 4,  # dy, dx, flip, angle
+    "crop_flip_cutout": 5,  # dy, dx, flip, centre row, centre column
     "crop": 3,
     "crop_rotate": 4,
     "simclr": 2 * RRC_ATTEMPTS + 13,
@@ -242,6 +249,23 @@ def crop_flip_positions(u, height: int, width: int, *, padding: int):
   cols = jnp.arange(width, dtype=jnp.float32)
   cols = jnp.where(flip[:, None], cols[::-1], cols)
   return ys, cols + dx[:, None]
+
+
+def cutout_mask(u_y, u_x, height: int, width: int) -> jax.Array:
+  """``[N, H, W]`` bool, True inside each example's Cutout square.
+
+  The square has side ``min(H, W) // 2``; its centre row and column are
+  uniform over the image (``u_y, u_x [N]`` in [0, 1)), and it is clipped at
+  the borders, so near an edge less than the full square is cut.
+  """
+  size = min(height, width) // 2
+  cy = jnp.minimum(jnp.floor(u_y * height), height - 1).astype(jnp.int32)
+  cx = jnp.minimum(jnp.floor(u_x * width), width - 1).astype(jnp.int32)
+  rows = jnp.arange(height)[None, :] - (cy[:, None] - size // 2)
+  cols = jnp.arange(width)[None, :] - (cx[:, None] - size // 2)
+  in_rows = (rows >= 0) & (rows < size)
+  in_cols = (cols >= 0) & (cols < size)
+  return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 def resized_crop_boxes(u_scale, u_log_ratio, u_y, u_x, height: int,
@@ -564,11 +588,14 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
     u = u.at[:, 2].set(1.0)  # flips happen where u[:, 2] < 0.5
   if augment == "none":
     x = to_float(x)
-  elif augment in ("crop_flip", "crop_flip_rotate"):
+  elif augment in ("crop_flip", "crop_flip_rotate", "crop_flip_cutout"):
     x = crop_flip_images(x, u, padding=padding)
     if augment == "crop_flip_rotate":
       angles = (2.0 * u[:, 3] - 1.0) * (max_degrees * math.pi / 180.0)
       x = affine_resample(x, rotation_transforms(angles, height, width))
+    elif augment == "crop_flip_cutout":
+      inside = cutout_mask(u[:, 3], u[:, 4], height, width)
+      x = jnp.where(inside[..., None], jnp.float32(CUTOUT_FILL), x)
   else:  # simclr
     x = _in_chunks(functools.partial(_simclr_views, strength=strength), x, u)
   return x.reshape(b, views, height, width, c)
@@ -662,6 +689,20 @@ def crop_flip(key, images, *, padding: int = 4) -> jax.Array:
     ``[B, H, W, C]`` float32 in [0, 1].
   """
   return augment_views(key, images, augment="crop_flip", padding=padding)
+
+
+def crop_flip_cutout(key, images, *, padding: int = 4) -> jax.Array:
+  """``crop_flip`` then Cutout: a ``min(H, W) // 2`` square of ``CUTOUT_FILL``
+  centred uniformly in the image, clipped at its borders (``cutout_mask``).
+
+  Returns ``[B, H, W, C]`` float32 in [0, 1].
+
+  References:
+    DeVries & Taylor, `Improved Regularization of Convolutional Neural
+    Networks with Cutout <https://arxiv.org/abs/1708.04552>`_, 2017.
+  """
+  return augment_views(key, images, augment="crop_flip_cutout",
+                       padding=padding)
 
 
 def crop_flip_rotate(key, images, *, padding: int = 4,

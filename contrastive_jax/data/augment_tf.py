@@ -142,6 +142,18 @@ def _crop_flip(images, u, *, padding: int):
                      pad=padding + 1)
 
 
+def cutout_mask(u_y, u_x, height: int, width: int):
+  """See ``augment_jax.cutout_mask``."""
+  size = min(height, width) // 2
+  cy = tf.cast(tf.minimum(tf.floor(u_y * height), height - 1), tf.int32)
+  cx = tf.cast(tf.minimum(tf.floor(u_x * width), width - 1), tf.int32)
+  rows = tf.range(height)[None, :] - (cy[:, None] - size // 2)
+  cols = tf.range(width)[None, :] - (cx[:, None] - size // 2)
+  in_rows = (rows >= 0) & (rows < size)
+  in_cols = (cols >= 0) & (cols < size)
+  return in_rows[:, :, None] & in_cols[:, None, :]
+
+
 def resized_crop_boxes(u_scale, u_log_ratio, u_y, u_x, height: int,
                        width: int):
   """See ``augment_jax.resized_crop_boxes``."""
@@ -344,11 +356,15 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
     u = tf.concat([u[:, :2], tf.ones_like(u[:, 2:3]), u[:, 3:]], axis=1)
   if augment == "none":
     x = to_float(x)
-  elif augment in ("crop_flip", "crop_flip_rotate"):
+  elif augment in ("crop_flip", "crop_flip_rotate", "crop_flip_cutout"):
     x = _crop_flip(x, u, padding=padding)
     if augment == "crop_flip_rotate":
       angles = (2.0 * u[:, 3] - 1.0) * (max_degrees * math.pi / 180.0)
       x = affine_resample(x, rotation_transforms(angles, height, width))
+    elif augment == "crop_flip_cutout":
+      inside = cutout_mask(u[:, 3], u[:, 4], height, width)
+      x = tf.where(inside[..., None], tf.constant(_aj.CUTOUT_FILL, tf.float32),
+                   x)
   else:  # simclr
     slots = _aj._SIMCLR_SLOTS  # pylint: disable=protected-access
     y0, x0, h, w = resized_crop_boxes(u[:, slots["scale"]],
