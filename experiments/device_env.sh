@@ -13,8 +13,9 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-# The CIFAR-10 JPEGs travel packed (.datatar/cifar10.tar.gz): the device tool
-# counts 50,000 small files at their disk blocks, over its 64 MiB limit.
+# The CIFAR-10 JPEGs travel packed (.datatar/cifar10.tar.gz, 16 MB): carried
+# as a folder (46 MB of data, 197 MB on disk in 50,000 small files) the device
+# tool refused them as over its 64 MiB limit (2026-11-29).
 if [ ! -d .data/cifar10 ] && [ -f .datatar/cifar10.tar.gz ]; then
   mkdir -p .data && tar xzf .datatar/cifar10.tar.gz -C .data
 fi
