@@ -725,12 +725,15 @@ def _rows_cifar(part: dict) -> list[list[str]]:
               f" calibration run at {_num(cal['images_per_s'])} img/s; ")
   elif "error" in cal:
     notes += f"calibration FAILED ({cal['error']}), config's epochs; "
+  macro = (f", macro recall / F1 {_pct(r['classifier_macro_recall'])} /"
+           f" {_pct(r.get('classifier_macro_f1'))}"
+           if r.get("classifier_macro_recall") is not None else "")
   return [[
       "CIFAR-10",
       f"{r.get('config_summary', '')}; validation = 5,000 held-out train"
       " images",
-      f"classifier {_pct(r.get('classifier_top1'))}{_tta_note(r)}, kNN"
-      f" {_pct(r.get('knn_top1'))}, linear probe"
+      f"classifier {_pct(r.get('classifier_top1'))}{_tta_note(r)}{macro},"
+      f" kNN {_pct(r.get('knn_top1'))}, linear probe"
       f" {_pct(r.get('linear_probe_top1'))}",
       f"{notes}{r.get('epochs', 0):.1f} epochs, training loop"
       f" {_num(r.get('loop_s'), '{:.0f}')} s (incl. compile),"

@@ -94,6 +94,11 @@ def test_table_formats_results_and_failures():
   assert ("classifier 94.1% (94.6% with flip TTA, 94.7% with flip +"
           " translate), kNN 93.0%") in table
   assert "stopped by the 60 s budget at step 900/1740" in table
+  cifar["result"].update(classifier_macro_recall=0.9412,
+                         classifier_macro_f1=0.9409)
+  table = ac.format_table({"meta": {}, "parts": {"cifar": cifar}})
+  assert ("flip + translate), macro recall / F1 94.1% / 94.1%, kNN 93.0%"
+          in table)
   cifar["calibration"] = {"steps": 150, "images_per_s": 31234.5,
                           "compile_s": 20.0, "config_epochs": 20,
                           "fitted_epochs": 42}

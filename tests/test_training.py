@@ -148,6 +148,14 @@ def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
       name = "classifier_top1_tta_flip" + ("_translate" if translate else "")
       assert res[name] == pytest.approx(tta["heads"]["classifier_top1"],
                                         abs=1.5 / tta["num_queries"])
+      suffix = name[len("classifier_top1"):]
+      for metric in ("macro_recall", "macro_f1"):
+        assert res[f"classifier_{metric}{suffix}"] == pytest.approx(
+            tta["classifier_classification"][metric], abs=0.05)
+    plain = report.evaluate_workdir(str(tmp_path), "validation")
+    for metric in ("macro_recall", "macro_f1"):
+      assert res[f"classifier_{metric}"] == pytest.approx(
+          plain["classifier_classification"][metric], abs=0.05)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["step"] == 1 and saved["devices"] == 2
   assert json.loads((tmp_path / "config.json").read_text())["dataset"] == (

@@ -177,6 +177,18 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
                     ("online_probe_top1", "probe_logits")):
     if key in va:
       res[name] = float(np.mean(np.argmax(va[key], -1) == val_y))
+
+  def macro_scores(logits, suffix: str = "") -> None:
+    # The classifier's macro recall / F1 over the head's classes, the figures
+    # set beside a supervised baseline's (as experiments.evaluate reports).
+    cls = evaluation.classification_metrics(
+        val_y, np.argmax(logits, -1),
+        class_names=[str(i) for i in range(logits.shape[-1])])
+    res["classifier_macro_recall" + suffix] = cls["macro_recall"]
+    res["classifier_macro_f1" + suffix] = cls["macro_f1"]
+
+  if "logits" in va:
+    macro_scores(va["logits"])
   if "logits" in va and np.ndim(val_x) == 4:
     # airbench's headline metric: the classifier with test-time
     # augmentation. One more pass over the queries only per kind.
@@ -188,6 +200,7 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
       logits = embed(val_x, keys=("logits",), **tta)["logits"]
       res["classifier_top1" + tta_suffix(**tta)] = float(
           np.mean(np.argmax(logits, -1) == val_y))
+      macro_scores(logits, tta_suffix(**tta))
   if "codes" in va:
     res["hash_map"] = float(evaluation.hash_retrieval_map(
         va["codes"], val_y, tr["codes"], train_y))
