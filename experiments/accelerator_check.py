@@ -4,8 +4,9 @@
     python -m experiments.accelerator_check --out_dir=/tmp/acc
     # a CPU smoke run (tiny sizes, a few minutes):
     JAX_PLATFORMS=cpu python -m experiments.accelerator_check --batches=16 \
-        --steps=2 --tiled_batches=512 --block_size=128 --config_arg=sgd,resnet18,smooth,runlocal \
-        --data_dir=../shared/data --train_minutes=1 --out_dir=/tmp/acc_out
+        --steps=2 --tiled_batches=512 --block_size=128 \
+        --config_arg=sgd,resnet18,smooth,runlocal --data_dir=../shared/data \
+        --train_minutes=1 --out_dir=/tmp/acc_out
 
 Three parts (``--parts``), each reported in one markdown table, written with
 a JSON of every number to ``--out_dir`` (default ``$OUT``, else
