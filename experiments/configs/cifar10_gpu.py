@@ -53,7 +53,8 @@ images: plain / flip TTA / flip + translate TTA):
 Every run ends at 99.7-99.95% training accuracy: the 94% target is missed by
 generalisation, not by training time. Not yet measured: Cutout
 (``--config.data.augment=crop_flip_cutout``, a 16 x 16 square; DeVries &
-Taylor report +0.7 for ResNet-18 on CIFAR-10: 4.72% -> 3.99% error)
+Taylor report +0.7 for ResNet-18 on CIFAR-10: 4.72% -> 3.99% error; on the
+underfitting 20-epoch CPU recipe it cost 1.8 points, RESULTS footnote 17)
 and longer schedules. On the 2-core CPU, 4 epochs only
 ("The GPU config on the CPU"): 81.28% (81.88% with flip TTA), against 80.28%
 for ``:sgd`` with the same warmup; both train stably in bfloat16.
