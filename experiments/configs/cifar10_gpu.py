@@ -29,10 +29,10 @@ the same features. AdamW (lr 3e-3, decoupled weight decay 5e-2 on weights
 only), one warmup epoch then cosine to 0: the AdamW recipe of
 ``common.cpu_cifar``, which trains stably here on CPU; ``:sgd`` swaps in
 SGD-Nesterov (lr 0.4, momentum 0.9, weight decay 5e-4), the fast-CIFAR
-ResNet-9 recipe, for comparison. airbench's label smoothing is ``:smooth``;
-its lookahead is left out; its test-time augmentation is reported beside the plain
-``classifier_top1`` in ``results.json``, as airbench's 94% is measured with
-it: flips as ``classifier_top1_tta_flip`` (``eval.tta_flip``), flips and
+ResNet-9 recipe, for comparison. airbench's label smoothing is
+``:smooth``; its lookahead is left out; its test-time augmentation is
+reported beside the plain ``classifier_top1`` in ``results.json``, as
+airbench's 94% is measured with it: flips as ``classifier_top1_tta_flip`` (``eval.tta_flip``), flips and
 one-pixel translations (airbench94's ``tta_level=2``) as
 ``classifier_top1_tta_flip_translate`` (``eval.tta_translate``). The JPEG
 re-encoding of the training images may cost about a point.
