@@ -32,8 +32,9 @@ SGD-Nesterov (lr 0.4, momentum 0.9, weight decay 5e-4), the fast-CIFAR
 ResNet-9 recipe, for comparison. airbench's label smoothing is
 ``:smooth``; its lookahead is left out; its test-time augmentation is
 reported beside the plain ``classifier_top1`` in ``results.json``, as
-airbench's 94% is measured with it: flips as ``classifier_top1_tta_flip`` (``eval.tta_flip``), flips and
-one-pixel translations (airbench94's ``tta_level=2``) as
+airbench's 94% is measured with it: flips as ``classifier_top1_tta_flip``
+(``eval.tta_flip``), flips and one-pixel translations (airbench94's
+``tta_level=2``) as
 ``classifier_top1_tta_flip_translate`` (``eval.tta_translate``). The JPEG
 re-encoding of the training images may cost about a point.
 
