@@ -173,22 +173,22 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
                                   train_y, ks=(k,), temperature=temp,
                                   num_classes=num_classes)
     res["knn_embedding_top1"] = knn[f"top1_k{k}"]
-  for name, key in (("classifier_top1", "logits"),
-                    ("online_probe_top1", "probe_logits")):
-    if key in va:
-      res[name] = float(np.mean(np.argmax(va[key], -1) == val_y))
+  if "probe_logits" in va:
+    res["online_probe_top1"] = float(
+        np.mean(np.argmax(va["probe_logits"], -1) == val_y))
 
-  def macro_scores(logits, suffix: str = "") -> None:
-    # The classifier's macro recall / F1 over the head's classes, the figures
+  def classifier_scores(logits, suffix: str = "") -> None:
+    # Top-1 and the macro recall / F1 over the head's classes, the figures
     # set beside a supervised baseline's (as experiments.evaluate reports).
+    pred = np.argmax(logits, -1)
+    res["classifier_top1" + suffix] = float(np.mean(pred == val_y))
     cls = evaluation.classification_metrics(
-        val_y, np.argmax(logits, -1),
-        class_names=[str(i) for i in range(logits.shape[-1])])
+        val_y, pred, class_names=[str(i) for i in range(logits.shape[-1])])
     res["classifier_macro_recall" + suffix] = cls["macro_recall"]
     res["classifier_macro_f1" + suffix] = cls["macro_f1"]
 
   if "logits" in va:
-    macro_scores(va["logits"])
+    classifier_scores(va["logits"])
   if "logits" in va and np.ndim(val_x) == 4:
     # airbench's headline metric: the classifier with test-time
     # augmentation. One more pass over the queries only per kind.
@@ -197,10 +197,8 @@ def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
     if ec.get("tta_translate", False):
       ttas.append(dict(tta_flip=flip, tta_translate=True))
     for tta in ttas:
-      logits = embed(val_x, keys=("logits",), **tta)["logits"]
-      res["classifier_top1" + tta_suffix(**tta)] = float(
-          np.mean(np.argmax(logits, -1) == val_y))
-      macro_scores(logits, tta_suffix(**tta))
+      classifier_scores(embed(val_x, keys=("logits",), **tta)["logits"],
+                        tta_suffix(**tta))
   if "codes" in va:
     res["hash_map"] = float(evaluation.hash_retrieval_map(
         va["codes"], val_y, tr["codes"], train_y))
