@@ -44,6 +44,7 @@ ones. Subprocess logs go to ``<out_dir>/<part>.log``.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import math
@@ -88,6 +89,15 @@ _BATCHES = flags.DEFINE_list("batches", ["512", "1024"],
 _STEPS = flags.DEFINE_integer("steps", 20, "train_step: timed steps.")
 _DTYPE = flags.DEFINE_string("train_step_dtype", "bfloat16",
                              "train_step: model compute dtype.")
+_STEP_OPTIMIZER = flags.DEFINE_string(
+    "train_step_optimizer", "", "train_step: optimizer in place of the"
+    " config's LARS (e.g. sgd), to time what the optimizer costs.")
+_STEP_PROBE = flags.DEFINE_bool(
+    "train_step_probe", True, "train_step: keep the config's online probe.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "train_step: after timing, trace this many steps with"
+    " jax.profiler into <out_dir>/profile_b<batch>.xplane.pb (read it with"
+    " experiments/profile_summary.py).")
 _TILED_BATCHES = flags.DEFINE_list("tiled_batches", ["262144", "1048576"],
                                    "tiled: batch sizes N.")
 _DIM = flags.DEFINE_integer("dim", 128, "tiled: embedding dimension D.")
@@ -255,13 +265,21 @@ def min_time(fn: Callable[[], Any], *, repeats: int,
 def train_step_throughput(batch_size: int, *, steps: int = 20,
                           dtype: str = "bfloat16", views: int = 2,
                           peak_tflops: float = 989.0,
-                          warmup: int = 2) -> dict[str, Any]:
+                          warmup: int = 2, optimizer: str = "",
+                          online_probe: bool = True,
+                          profile_path: str = "",
+                          profile_steps: int = 5) -> dict[str, Any]:
   """Images/s and MFU of the real SimCLR train step (ResNet-18, NT-Xent).
 
   ``experiments/configs/simclr_cifar10.py`` with ``batch_size`` and
   ``model.dtype`` overridden, built by ``loop.build`` and stepped by
   ``make_train_step`` on a one-device mesh; the batch is random float32
-  ``[B, views, 32, 32, 3]`` already on the device.
+  ``[B, views, 32, 32, 3]`` already on the device. ``optimizer`` (e.g.
+  ``"sgd"``) replaces the config's LARS and ``online_probe=False`` drops the
+  probe head, to time what each costs; with ``profile_path``,
+  ``profile_steps`` more steps are traced by ``jax.profiler`` after the
+  timing, into that ``.xplane.pb`` file (``experiments/profile_summary.py``
+  reads it).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -276,6 +294,9 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
   c.batch_size = int(batch_size)
   c.model.dtype = dtype
   c.data.views = views
+  if optimizer:
+    c.optimizer.name = optimizer
+  c.model.online_probe = bool(online_probe)
   mesh = loop.make_mesh(1)
   info = types.SimpleNamespace(num_classes=10, image_shape=(32, 32, 3),
                                num_train=50_000)
@@ -302,6 +323,9 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   elapsed = time.perf_counter() - t
+  if profile_path:
+    _trace_steps(lambda s: compiled(s, batch), state, profile_steps,
+                 profile_path)
   loss = float(np.asarray(metrics["loss"]))
   steps_per_s = steps / elapsed
   n_views = batch_size * views
@@ -324,11 +348,38 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
       "loss": loss, "loss_finite": math.isfinite(loss),
       "xla_memory": _memory_analysis(compiled),
       "peak_bytes_in_use": peak_memory_bytes(),
+      "optimizer": c.optimizer.name, "online_probe": bool(online_probe),
+      "profile": os.path.basename(profile_path) or None,
       "model": "ResNet-18 (CIFAR stem) + BN projection 2048->128, NT-Xent"
-               " T=0.2, LARS, online probe (simclr_cifar10.py)",
+               f" T=0.2, {c.optimizer.name.upper()}"
+               + (", online probe" if online_probe else ", no probe")
+               + " (simclr_cifar10.py)",
       "data": "synthetic, on device",
   }
   return res
+
+
+def _trace_steps(step: Callable[[Any], tuple[Any, Any]], state, steps: int,
+                 path: str) -> None:
+  """Traces ``steps`` calls of ``step`` into the one file ``path``.
+
+  Without the Python tracer the trace holds little but the device's kernels;
+  the profiler's folder tree is flattened to one file because the GPU
+  machine returns files at most two folders below ``$OUT``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  options.host_tracer_level = 1
+  tmp = tempfile.mkdtemp(prefix="trace_")
+  with jax.profiler.trace(tmp, profiler_options=options):
+    for _ in range(steps):
+      state, metrics = step(state)
+    jax.block_until_ready((state, metrics))
+  found = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+  if found:
+    shutil.copyfile(found[0], path)
+  shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------
@@ -666,7 +717,10 @@ def _rows_train_step(part: dict) -> list[list[str]]:
     rows.append([
         "train step",
         f"ResNet-18 + proj, NT-Xent, {r['dtype']}, batch {r['batch_size']}"
-        f" x {r['views']} views, synthetic on-device data",
+        f" x {r['views']} views, synthetic on-device data"
+        + (f", {r['optimizer']}" if r.get("optimizer", "lars") != "lars"
+           else "")
+        + ("" if r.get("online_probe", True) else ", no probe"),
         f"{_num(r['images_per_s'])} img/s ({_num(r['views_per_s'])} views/s);"
         f" MFU {_pct(mfu)}" + (f" ({source} FLOPs)" if source else ""),
         f"{_num(tf and tf / 1e12, '{:.2f}')} TFLOP/step (XLA; analytic 3 x"
@@ -825,9 +879,14 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
   save(res)
   if part == "train_step":
     _sweep(res, part, _batch_list(_BATCHES.value), "batch_size",
-           lambda b: train_step_throughput(b, steps=_STEPS.value,
-                                           dtype=_DTYPE.value,
-                                           peak_tflops=_PEAK_TFLOPS.value),
+           lambda b: train_step_throughput(
+               b, steps=_STEPS.value, dtype=_DTYPE.value,
+               peak_tflops=_PEAK_TFLOPS.value,
+               optimizer=_STEP_OPTIMIZER.value,
+               online_probe=_STEP_PROBE.value,
+               profile_path=(os.path.join(out_dir, f"profile_b{b}.xplane.pb")
+                             if _PROFILE_STEPS.value else ""),
+               profile_steps=_PROFILE_STEPS.value),
            save)
   elif part == "tiled":
     _sweep(res, part, _batch_list(_TILED_BATCHES.value), "batch",
