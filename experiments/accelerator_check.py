@@ -5,7 +5,7 @@
     # a CPU smoke run (tiny sizes, a few minutes):
     JAX_PLATFORMS=cpu python -m experiments.accelerator_check --batches=16 \
         --steps=2 --tiled_batches=512 --block_size=128 \
-        --config_arg=sgd,resnet18,smooth,runlocal --data_dir=../shared/data \
+        --config_arg=sgd,resnet18,smooth,cutout,runlocal --data_dir=../shared/data \
         --train_minutes=1 --out_dir=/tmp/acc_out
 
 Three parts (``--parts``), each reported in one markdown table, written with
@@ -17,14 +17,20 @@ a JSON of every number to ``--out_dir`` (default ``$OUT``, else
   ResNet-18 with a CIFAR stem, BN projection 2048 -> 128, NT-Xent, LARS) in
   bfloat16, two views, at each of ``--batches``, on synthetic data already on
   the device. FLOPs per step are XLA's ``cost_analysis()`` of the compiled
-  step; MFU = FLOPs/step x steps/s / ``--peak_tflops``.
+  step, or the analytic 3 x forward count where XLA's covers under half of
+  it (on GPUs the cuDNN convolutions are custom calls it does not count:
+  ``step_flops``); MFU = FLOPs/step x steps/s / ``--peak_tflops``.
+  ``--train_step_optimizer=sgd`` / ``--notrain_step_probe`` time the step
+  without LARS / the online probe; ``--profile_steps=N`` traces N more steps
+  per batch into ``profile_b<batch>.xplane.pb``, which
+  ``experiments/profile_summary.py`` breaks down by kernel.
 * ``tiled``: value + gradient of ``losses.nt_xent_loss(block_size=...)`` at
   each of ``--tiled_batches`` (D = ``--dim``): minimum of 2 timed calls after
   one warm-up, peak device memory (``memory_stats()["peak_bytes_in_use"]``)
   and XLA's own buffer sizes. Out of memory at a block size, it retries once
   at half that block size.
 * ``cifar``: ``training.train_and_evaluate`` with ``--config`` (default
-  ``experiments/configs/cifar10_gpu.py:sgd,resnet18,smooth``, the best recipe
+  ``experiments/configs/cifar10_gpu.py:sgd,resnet18,smooth,cutout``, the best recipe
   measured on an H200) on CIFAR-10 under ``--data_dir``,
   stopped (checkpoint, then evaluated) if its training loop passes
   ``--train_minutes``, for as many epochs as the budget fits
@@ -113,9 +119,9 @@ _CONFIG = flags.DEFINE_string(
     "config", os.path.join(REPO_ROOT, "experiments", "configs",
                            "cifar10_gpu.py"), "cifar: config file.")
 _CONFIG_ARG = flags.DEFINE_string(
-    "config_arg", "sgd,resnet18,smooth",
+    "config_arg", "sgd,resnet18,smooth,cutout",
     "cifar: argument of get_config; the default is the best recipe of the"
-    " 2026-11-29 H200 runs (experiments/RESULTS.md).")
+    " H200 runs of 2026-11-29/30 (experiments/RESULTS.md).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "./.data",
                                 "cifar: folder holding cifar10/train/.")
 _TRAIN_MINUTES = flags.DEFINE_float(

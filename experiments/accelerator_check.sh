@@ -38,7 +38,7 @@
 #
 #   JAX_PLATFORMS=cpu PATH=$PWD/.venv/bin:$PATH bash experiments/accelerator_check.sh \
 #       --batches=16 --steps=2 --tiled_batches=512 --block_size=128 \
-#       --config_arg=sgd,resnet18,smooth,runlocal --data_dir=../shared/data --train_minutes=1
+#       --config_arg=sgd,resnet18,smooth,cutout,runlocal --data_dir=../shared/data --train_minutes=1
 
 cd "$(dirname "$0")/.." || exit 1
 

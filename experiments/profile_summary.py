@@ -5,7 +5,7 @@ r"""Where a traced step's device time goes: a table from a jax.profiler trace.
 read back here, with the ``xplane`` protobuf that TensorFlow ships:
 
     python -m experiments.profile_summary \
-        experiments/results/<run>/profile_b1024 --steps=5
+        experiments/results/<run>/profile_b1024.xplane.pb --trace_steps=5
 
 It prints, per step: the wall span of the device's kernels, the time some
 kernel was running (busy) and the idle rest, and the kernel time by kind
@@ -25,8 +25,8 @@ import re
 from absl import app
 from absl import flags
 
-_STEPS = flags.DEFINE_integer("steps", 5, "Steps in the trace.")
-_TOP = flags.DEFINE_integer("top", 20, "Kernels listed.")
+_STEPS = flags.DEFINE_integer("trace_steps", 5, "Steps in the trace.")
+_TOP = flags.DEFINE_integer("top_kernels", 20, "Kernels listed.")
 
 # Kernel names as cuDNN / cuBLAS / CUTLASS / XLA name them on NVIDIA GPUs.
 KINDS = (

@@ -137,10 +137,12 @@ def test_cifar_config_variants():
   assert ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
                         "smooth").loss.label_smoothing == 0.2
   # the accelerator check's default: the best recipe measured on the H200
-  assert ac._CONFIG_ARG.default == "sgd,resnet18,smooth"
+  assert ac._CONFIG_ARG.default == "sgd,resnet18,smooth,cutout"
   best = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
                         ac._CONFIG_ARG.default)
   assert best.model.backbone == "resnet18" and best.loss.label_smoothing == 0.2
+  assert best.data.augment == "crop_flip_cutout"
+  assert c.data.augment == "crop_flip"
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 
@@ -223,3 +225,40 @@ def test_cifar_part_fits_epochs_after_calibrating(tmp_path):
   assert r["total_steps"] == cal["fitted_epochs"] * (1258 // 64)
   assert f"{cal['fitted_epochs']} epochs fitted" in ac.format_table(
       {"meta": {}, "parts": {"cifar": res}})
+
+
+def test_train_step_variant_and_its_trace_summary(tmp_path):
+  pytest.importorskip("tensorflow")  # profile_summary reads xplane with it
+  from experiments import profile_summary  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "profile_b4.xplane.pb")
+  r = ac.train_step_throughput(4, steps=1, warmup=1, dtype="float32",
+                               optimizer="sgd", online_probe=False,
+                               profile_path=path, profile_steps=1)
+  assert r["optimizer"] == "sgd" and not r["online_probe"]
+  assert "SGD, no probe" in r["model"] and r["loss_finite"]
+  assert r["profile"] == "profile_b4.xplane.pb"
+  plane, events = profile_summary.load_events(path)
+  assert plane and events  # a CPU trace: the busiest host plane
+  text = profile_summary.summarize(events, steps=1, top=3)
+  assert text.startswith("per step (1 traced)")
+
+
+def test_profile_summary_busy_time_and_kinds():
+  from experiments import profile_summary  # pylint: disable=g-import-not-at-top
+  # Two streams: [0, 10) and [5, 20) overlap, [30, 35) is apart.
+  events = [("a", 0, 10), ("b", 5, 15), ("c", 30, 5)]
+  assert profile_summary.busy_ps(events) == 25
+  assert profile_summary.busy_ps([("a", 0, 10), ("b", 2, 3)]) == 10
+  kind = profile_summary.kind_of
+  assert kind("sm90_xmma_dgrad_implicit_gemm_bf16") == "convolution"
+  assert kind("cutlass_80_tensorop_gemm") == "matmul"
+  assert kind("input_reduce_select_fusion_5") == "reduction"
+  assert kind("loop_add_fusion_4") == "elementwise fusion"
+  assert kind("Memcpy DtoD") == "copy / transpose"
+  text = profile_summary.summarize(
+      [("loop_add_fusion", 0, 2_000_000_000), ("conv_fprop", 3_000_000_000,
+                                               1_000_000_000)],
+      steps=1, top=5)
+  # span 4 ms, busy 3 ms; convolution a third of the kernel time
+  assert "span 4.00 ms, busy 3.00 ms (75.0%)" in text
+  assert "| convolution | 1.00 | 33.3% |" in text

@@ -70,7 +70,7 @@ a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth``.
 from experiments.configs import common
 
 EPOCHS = 20
-ARGS = ("sgd", "resnet18", "smooth", "runlocal")
+ARGS = ("sgd", "resnet18", "smooth", "cutout", "runlocal")
 
 
 def get_config(arg: str | None = None):
@@ -107,6 +107,8 @@ def get_config(arg: str | None = None):
     c.model.backbone_kwargs = {}
   if "smooth" in args:
     c.loss.label_smoothing = 0.2
+  if "cutout" in args:
+    c.data.augment = "crop_flip_cutout"
   # One checkpoint, at the end: saving costs time the budget is about.
   c.checkpoint.every_steps = 100_000
   c.checkpoint.keep = 1
