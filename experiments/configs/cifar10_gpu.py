@@ -4,7 +4,7 @@
         --workdir=/tmp/cifar10_gpu --config.data_dir=./.data
     python -m experiments.train --config=experiments/configs/cifar10_gpu.py:runlocal \
         --workdir=/tmp/cifar10_gpu_runlocal --config.data_dir=../shared/data
-    # part c of the accelerator check (issue 7) runs :sgd,resnet18,smooth:
+    # the accelerator check (issue 7), part c, runs :sgd,resnet18,smooth,cutout
     python -m experiments.accelerator_check --parts=cifar --data_dir=./.data
 
 The aim is airbench's (Jordan, 2024): 94% top-1 within a few minutes of one
@@ -47,24 +47,33 @@ images: plain / flip TTA / flip + translate TTA):
 * ``--config.loss.label_smoothing=0.2`` (now ``:smooth``), 50 epochs:
   89.68 / 90.18 / 90.22; ``:sgd,smooth``: 89.38 / 90.26 / 90.70, and
   89.56 / 90.48 / 90.92 at 100 epochs;
-* ``:sgd,resnet18,smooth``, 100 epochs, the best: 91.08 / 92.02 / 92.04 in
-  156 s wall (a 63 s training loop at 70,370 images/s). The accelerator
-  check now runs this one, for as many epochs (up to 200) as its budget fits.
+* ``:sgd,resnet18,smooth``, 100 epochs: 91.08 / 92.02 / 92.04 in 156 s
+  wall (a 63 s training loop at 70,370 images/s); 200 epochs (2026-11-30):
+  91.42 / 92.26 / 92.34.
 
-Every run ends at 99.7-99.95% training accuracy: the 94% target is missed by
-generalisation, not by training time. Not yet measured: Cutout
-(``--config.data.augment=crop_flip_cutout``, a 16 x 16 square; DeVries &
-Taylor report +0.7 for ResNet-18 on CIFAR-10: 4.72% -> 3.99% error; on the
-underfitting 20-epoch CPU recipe it cost 1.8 points, RESULTS footnote 17)
-and longer schedules. On the 2-core CPU, 4 epochs only
+Without Cutout every run ends at 99.7-99.99% training accuracy. Cutout
+(``:cutout``, a 16 x 16 square) cuts that to 98.8% and is the best recipe,
+measured on one H200 on 2026-11-30:
+
+* ``:sgd,resnet18,smooth,cutout``, 200 epochs: **92.66 / 93.46 / 93.64**
+  (macro F1 92.66 plain), kNN 92.52, probe 92.44. Its training takes about
+  128 s alone at the measured images/s; it ran sharing the GPU with two
+  others. The 94% target is missed by 0.36. The accelerator check runs this
+  recipe, for as many epochs (up to 200) as its budget fits. Without the
+  SupCon term (``--config.loss.name=``, CE only): 92.60 / 93.04 / 93.42.
+
+On the underfitting 20-epoch CPU recipe Cutout cost 1.8 points (RESULTS
+footnote 17). On the 2-core CPU, 4 epochs only
 ("The GPU config on the CPU"): 81.28% (81.88% with flip TTA), against 80.28%
 for ``:sgd`` with the same warmup; both train stably in bfloat16.
 ``smooth``: label smoothing 0.2 on the classifier's cross-entropy (+1.1
 plain at 50 epochs on the H200).
 ``resnet18``: the ResNet-18 (CIFAR stem, 512-d features) of the SimCLR and
 SupCon configs in place of the FastCNN, same head and loss.
+``cutout``: ``data.augment = "crop_flip_cutout"``: the crop and flip, then a
+16 x 16 square (half the image side) set to 0.5 (DeVries & Taylor, 2017).
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
-a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth``.
+a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth,cutout``.
 """
 
 from experiments.configs import common
