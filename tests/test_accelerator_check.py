@@ -143,6 +143,9 @@ def test_cifar_config_variants():
   assert best.model.backbone == "resnet18" and best.loss.label_smoothing == 0.2
   assert best.data.augment == "crop_flip_cutout"
   assert c.data.augment == "crop_flip"
+  assert not best.optimizer.sam_rho
+  assert ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                        "sgd,sam").optimizer.sam_rho == 0.05
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 

@@ -571,3 +571,67 @@ def test_gpu_config_and_its_smoke_run_keep_the_whitening_layer():
   for arg in (None, "runlocal"):
     kw = cifar10_gpu.get_config(arg).model.backbone_kwargs
     assert (kw.whiten_size, kw.stem_width) == (2, 0)
+
+
+def test_sam_step_is_the_plain_step_from_the_perturbed_weights():
+  """SAM on 8 devices against its definition, built from two plain steps.
+
+  With SGD (first step: update = -lr * g), no weight decay and a constant
+  learning rate, one plain step from p gives g(p) = (p - step(p)) / lr. SAM
+  moves p by -lr * g(p + rho * g(p) / |g(p)|): the plain step from the
+  perturbed weights, shifted back by the perturbation. A SAM whose second
+  gradient were a device's own (not the global batch's) fails this.
+  """
+  from contrastive_jax.training import input as input_lib  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
+  lr, rho = 0.1, 0.05
+
+  def config(sam_rho):
+    c = _small_digits(num_steps=1, ema_decay=0.0)
+    c.optimizer.update(dict(name="sgd", learning_rate=lr, momentum=0.9,
+                            weight_decay=0.0, schedule="constant",
+                            warmup_steps=0, sam_rho=sam_rho))
+    return c
+
+  mesh = training.make_mesh(8)
+  data = input_lib.make_train_input(config(0.0), mesh,
+                                    seed_key=jax.random.key(1))
+  data.start(0)
+  batch = next(data)
+
+  def one_step(sam_rho, params=None):
+    c = config(sam_rho)
+    _, model, tx, schedule, state = loop.build(c, mesh, data, steps=1)
+    if params is not None:
+      state = state.replace(params=jax.device_put(
+          params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    step = training.make_train_step(model, tx, schedule, c, mesh)
+    p0 = jax.tree.map(np.asarray, state.params)
+    new, metrics = step(state, batch)
+    return p0, jax.tree.map(np.asarray, new.params), metrics
+
+  p0, p_plain, _ = one_step(0.0)
+  g0 = jax.tree.map(lambda a, b: (a - b) / lr, p0, p_plain)
+  norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(g0)))
+  eps = jax.tree.map(lambda g: rho * g / norm, g0)
+  p_adv = jax.tree.map(lambda p, e: p + e, p0, eps)
+  _, p_adv_step, _ = one_step(0.0, params=p_adv)
+  expected = jax.tree.map(lambda q, e: q - e, p_adv_step, eps)
+  p0_sam, p_sam, metrics = one_step(rho)
+  for a, b in zip(jax.tree.leaves(p0_sam), jax.tree.leaves(p0)):
+    np.testing.assert_array_equal(a, b)
+  for got, want, plain in zip(jax.tree.leaves(p_sam), jax.tree.leaves(expected),
+                              jax.tree.leaves(p_plain)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
+  # SAM moved the weights somewhere else than the plain step did.
+  assert max(np.max(np.abs(a - b)) for a, b in zip(
+      jax.tree.leaves(p_sam), jax.tree.leaves(p_plain))) > 1e-4
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_sam_rho_below_zero_is_refused():
+  from contrastive_jax.training import optim  # pylint: disable=g-import-not-at-top
+  c = _small_digits()
+  c.optimizer.sam_rho = -0.1
+  with pytest.raises(ValueError, match="sam_rho must be >= 0"):
+    optim.make_optimizer(c.optimizer, 1e-3)

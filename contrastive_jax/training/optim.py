@@ -3,7 +3,10 @@
 SGD (+momentum), LARS (SimCLR), Adam and AdamW, each behind an optional
 global-norm gradient clip, on a linear-warmup + cosine (or constant)
 schedule. Weight decay and LARS's trust ratio skip biases and normalisation
-parameters (rank <= 1), as SimCLR and solo-learn do.
+parameters (rank <= 1), as SimCLR and solo-learn do. With ``sam_rho > 0``
+the whole optimizer is wrapped in sharpness-aware minimisation
+(``optax.contrib.sam`` in its opaque mode, which the train step feeds with
+a ``grad_fn``: see ``is_sam``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable
 import jax
 import optax
 
-__all__ = ["make_schedule", "make_optimizer", "peak_learning_rate"]
+__all__ = ["is_sam", "make_schedule", "make_optimizer", "peak_learning_rate"]
 
 
 def peak_learning_rate(opt_config, batch_size: int) -> float:
@@ -79,4 +82,21 @@ def make_optimizer(opt_config, schedule) -> optax.GradientTransformation:
   clip = float(opt_config.get("grad_clip_norm", 0.0))
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  rho = float(opt_config.get("sam_rho", 0.0))
+  if rho < 0:
+    raise ValueError(f"optimizer.sam_rho must be >= 0, got {rho}.")
+  if rho > 0:
+    # The ascent step: rho along the gradient divided by its global norm.
+    # Opaque mode keeps the perturbed weights inside one update, so the
+    # BatchNorm statistics are only ever those of the real weights. The
+    # clip and the decay act on the gradient at the perturbed weights, the
+    # one that moves the real ones.
+    tx = optax.contrib.sam(
+        tx, optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        sync_period=2, opaque_mode=True)
   return tx
+
+
+def is_sam(opt_config) -> bool:
+  """Whether ``make_optimizer`` wraps SAM: its ``update`` needs ``grad_fn``."""
+  return float(opt_config.get("sam_rho", 0.0)) > 0

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import losses
 from contrastive_jax import models
+from contrastive_jax.training import optim
 from contrastive_jax.training import registry
 from contrastive_jax.training.state import TrainState
 
@@ -161,6 +162,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
   hash_kwargs = registry._plain(config.model.get("hash_scale", {}) or {})  # pylint: disable=protected-access
   global_batch = int(config.batch_size)
+  sam = optim.is_sam(config.optimizer)
   if loss_fn is None and not (ce_weight or rec_weight):
     raise ValueError("The config trains nothing: set loss.name, "
                      "loss.ce_weight or loss.reconstruction_weight.")
@@ -229,7 +231,14 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
     grads, (loss, terms, new_vars, emb) = jax.grad(
         objective, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if sam:
+      # The same batch at the perturbed weights; its BatchNorm statistics,
+      # loss and metrics are dropped: the step reports the real weights'.
+      grad_fn = lambda p, _: jax.grad(objective, has_aux=True)(p)[0]
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     grad_fn=grad_fn)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     memory = state.memory
     if use_memory:  # after the loss: a batch never meets its own copy.

@@ -45,7 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
       name="adam", learning_rate=1e-3, lr_batch_scaling=False,
       weight_decay=0.0, momentum=0.9, nesterov=False,
       schedule="warmup_cosine", warmup_steps=0, warmup_epochs=0.0, end_lr_factor=0.0,
-      grad_clip_norm=0.0))
+      grad_clip_norm=0.0,
+      # > 0: sharpness-aware minimisation (Foret et al., 2021) with this
+      # radius: each step takes the gradient again at the weights moved
+      # sam_rho along the normalised gradient (twice the compute per step).
+      sam_rho=0.0))
   # > 0: keep an exponential moving average of the weights (and BatchNorm
   # statistics) with this decay per step, and evaluate it; the final
   # results also report the online weights, as ``online_*``.
