@@ -635,3 +635,24 @@ def test_sam_rho_below_zero_is_refused():
   c.optimizer.sam_rho = -0.1
   with pytest.raises(ValueError, match="sam_rho must be >= 0"):
     optim.make_optimizer(c.optimizer, 1e-3)
+
+
+def test_time_budget_stops_saves_evaluates_and_resumes(tmp_path):
+  c = _small_digits(num_steps=1_000_000, max_train_seconds=1.0)
+  c.checkpoint.every_steps = 1_000_000
+  c.eval.final = True
+  c.eval.probe_steps = 5
+  res = training.train_and_evaluate(c, str(tmp_path))
+  assert res["status"] == "time_budget"
+  stopped = res["step"]
+  assert 1 <= stopped < 1_000_000  # compilation counts: maybe one step
+  assert res["loop_time_s"] >= 1.0 and res["train_time_s"] <= res[
+      "loop_time_s"]
+  assert 0.0 <= res["knn_top1"] <= 1.0  # evaluated as it stands
+  assert _final_state(str(tmp_path))[0] == stopped  # saved at the stop
+  # A relaunch resumes there, whatever its own budget.
+  seen = []
+  res = training.train_and_evaluate(
+      _small_digits(num_steps=stopped + 3, max_train_seconds=0.0),
+      str(tmp_path), step_callback=seen.append)
+  assert seen[0] == stopped + 1 and res["status"] == "completed"

@@ -54,6 +54,7 @@ __all__ = [
 RESUME_SAFE_KEYS = frozenset({
     "num_steps", "num_epochs", "log_every", "eval_every", "checkpoint",
     "eval", "progress_bar", "distributed", "data_dir", "num_devices",
+    "max_train_seconds",
 })
 
 

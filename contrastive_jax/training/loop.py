@@ -289,7 +289,13 @@ def train_and_evaluate(config, workdir: str, *,
       it to kill the process at a known point).
 
   Returns:
-    The results written to ``workdir/results.json``.
+    The results written to ``workdir/results.json``. Its ``status`` is
+    ``"completed"``; ``"preempted"`` after SIGTERM (checkpoint saved, not
+    evaluated: relaunch to finish); or ``"time_budget"`` when the training
+    loop has run ``config.max_train_seconds`` (compilation included;
+    checkpoint saved, and evaluated as it stands). ``loop_time_s`` is the
+    loop's time, ``train_time_s`` the part after its first, compiling step
+    (``images_per_sec`` is measured over it).
 
   Raises:
     IncompatibleCheckpointError: ``workdir`` holds another config's run.
@@ -336,9 +342,10 @@ def train_and_evaluate(config, workdir: str, *,
   log_every = max(1, int(config.get("log_every", 50)))
   eval_every = int(config.get("eval_every", 0))
   batch = int(config.batch_size)
+  max_train_s = float(config.get("max_train_seconds", 0.0))
   status = "completed"
   last = {}
-  timing = {"t0": None, "n0": start}
+  timing = {"t0": None, "n0": start, "loop": None}
   pbar = None
   if config.get("progress_bar", True) and is_main:
     from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
@@ -368,6 +375,7 @@ def train_and_evaluate(config, workdir: str, *,
     train_input.start(start)
     pending = None
     step = start
+    timing["loop"] = time.time()
     while step < steps:
       batch_data = next(train_input)
       state, metrics = train_step(state, batch_data)
@@ -378,11 +386,20 @@ def train_and_evaluate(config, workdir: str, *,
       if pending is not None:  # one step behind: keeps the device busy
         check(*pending)
       pending = (step, metrics)
-      stop = preempt.is_set()
-      if jax.process_count() > 1 and step % log_every == 0:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        stop = bool(np.any(multihost_utils.process_allgather(
-            np.asarray(stop)))) or checkpointer.reached_preemption(step)
+      # [SIGTERM received, training time budget spent], on this process.
+      flags = np.asarray([preempt.is_set(), bool(
+          max_train_s and time.time() - timing["loop"] >= max_train_s)])
+      if jax.process_count() > 1:
+        # Every process must stop at the same step (the checkpoint save is
+        # collective), so the local flags count only at the steps where all
+        # processes compare them.
+        if step % log_every == 0:
+          from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+          flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+        else:
+          flags = np.zeros(2, bool)
+        flags[0] = flags[0] or checkpointer.reached_preemption(step)
+      stop = bool(flags.any())
       save = step % every == 0 or step == steps or stop
       if save or step % log_every == 0 or step_callback is not None:
         check(*pending)
@@ -411,9 +428,10 @@ def train_and_evaluate(config, workdir: str, *,
       if step_callback is not None:
         step_callback(step)
       if stop:
-        status = "preempted"
-        logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.",
-                        step)
+        status = "preempted" if flags[0] else "time_budget"
+        logging.warning("Stopped at step %d (%s); checkpoint saved.", step,
+                        "SIGTERM" if flags[0] else
+                        f"max_train_seconds={max_train_s:g} spent")
         break
     if pending is not None:
       check(*pending)
@@ -424,18 +442,24 @@ def train_and_evaluate(config, workdir: str, *,
     checkpointer.wait()
     writer.flush()
 
+  loop_time = (time.time() - timing["loop"]) if timing["loop"] else 0.0
   train_time = (time.time() - timing["t0"]) if timing["t0"] else 0.0
   rate = ((step - timing["n0"]) * batch / train_time if train_time > 0 else
           0.0)
   results: dict[str, Any] = {
       "status": status, "step": int(step), "total_steps": int(steps),
       "final_loss": last.get("loss"),
-      "images_per_sec": rate, "devices": int(mesh.size),
+      "images_per_sec": rate, "train_time_s": train_time,
+      "loop_time_s": loop_time,
+      "devices": int(mesh.size),
       "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
       "global_batch_size": batch, "dataset": config.dataset,
   }
-  if status == "completed" and config.eval.get("final", True):
+  # A run stopped by its time budget is evaluated as it stands (a preempted
+  # one is not: it resumes to finish).
+  if status in ("completed", "time_budget") and config.eval.get("final",
+                                                                 True):
     data = load_eval_data(config)
     final = evaluate(config, init_model, state, mesh, data=data)
     if state.ema:

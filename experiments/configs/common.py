@@ -54,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   # statistics) with this decay per step, and evaluate it; the final
   # results also report the online weights, as ``online_*``.
   c.ema_decay = 0.0
+  # > 0: stop training once the loop has run this many seconds (its first,
+  # compiling step included), save, and evaluate the weights as they are
+  # (results.json status "time_budget"). For time-boxed runs and sweeps; a
+  # relaunch in the same workdir resumes and trains on.
+  c.max_train_seconds = 0.0
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, keep=3, async_save=True))
   c.log_every = 50
