@@ -427,7 +427,9 @@ def train_and_evaluate(config, workdir: str, *,
         pbar.update(1)
       if step_callback is not None:
         step_callback(step)
-      if stop:
+      # SIGTERM always stops (exit promptly); a budget spent on the last step
+      # leaves a complete run.
+      if flags[0] or (stop and step < steps):
         status = "preempted" if flags[0] else "time_budget"
         logging.warning("Stopped at step %d (%s); checkpoint saved.", step,
                         "SIGTERM" if flags[0] else
