@@ -135,10 +135,10 @@ _MAX_CIFAR_EPOCHS = flags.DEFINE_integer(
     "max_cifar_epochs", 400,
     "cifar: the most epochs --cifar_epochs=auto picks. 400 ResNet-18 epochs"
     " would take about 256 s alone on an H200 (70,370 images/s), so the"
-    " budget decides, not this cap: by that rate, after the calibration run"
-    " and EPOCH_FIT_MARGIN, about 320 epochs with --parts=cifar and about"
-    " 240 in the full check, whose earlier parts use part of"
-    " --time_limit_s.")
+    " budget decides, not this cap: by that rate, after the calibration run,"
+    " about 25 s of compilation and EPOCH_FIT_MARGIN, about 290 epochs with"
+    " --parts=cifar and about 200 in the full check, whose earlier parts use"
+    " part of --time_limit_s.")
 _CALIBRATION_STEPS = flags.DEFINE_integer(
     "calibration_steps", 150, "cifar: steps of the calibration run.")
 _WORKDIR = flags.DEFINE_string(
@@ -512,7 +512,9 @@ def measure_step_rate(config, *, steps: int) -> dict[str, float]:
   ``train_and_evaluate`` with ``num_steps=steps``, no evaluation, in a
   temporary workdir: the same data, on-device augmentation and step as the
   run it calibrates. Logged in three windows; the last one's rate is the
-  steady rate, and the first one's extra time is the compilation's.
+  steady rate. The compilation's time is the loop's first step less one
+  steady step (``loop_time_s - train_time_s`` of the run's results: its
+  images/s leave the compiling step out).
   """
   from contrastive_jax import training  # pylint: disable=g-import-not-at-top
 
@@ -524,16 +526,15 @@ def measure_step_rate(config, *, steps: int) -> dict[str, float]:
   c.checkpoint.async_save = False
   start = time.time()
   with tempfile.TemporaryDirectory(prefix="acc_calibrate_") as workdir:
-    training.train_and_evaluate(c, workdir)
+    results = training.train_and_evaluate(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       windows = [m for m in map(json.loads, f) if "images_per_sec" in m]
   if len(windows) < 2:
     raise RuntimeError(f"calibration logged {len(windows)} rate windows;"
                        " need 2 (more --calibration_steps)")
   rate = float(windows[-1]["images_per_sec"])
-  window_images = c.log_every * int(c.batch_size)
-  compile_s = max(0.0, window_images / float(windows[0]["images_per_sec"])
-                  - window_images / rate)
+  compile_s = max(0.0, results["loop_time_s"] - results["train_time_s"]
+                  - int(c.batch_size) / rate)
   return {"steps": int(steps), "images_per_s": rate,
           "compile_s": compile_s, "wall_s": time.time() - start}
 

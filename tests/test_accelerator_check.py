@@ -187,7 +187,9 @@ def test_measure_step_rate_runs_the_config_briefly():
   c.distributed.mode = "off"
   c.num_devices = 1
   r = ac.measure_step_rate(c, steps=9)
-  assert r["steps"] == 9 and r["images_per_s"] > 0 and r["compile_s"] >= 0
+  # compiling the step takes well over a second on the CPU (it was
+  # reported as 0 before the loop's own times were used)
+  assert r["steps"] == 9 and r["images_per_s"] > 0 and r["compile_s"] > 0.5
   assert r["wall_s"] > 0
   assert c.num_steps == 1000  # the caller's config is untouched
   with pytest.raises(RuntimeError, match="rate windows"):
