@@ -127,7 +127,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   Args:
     model: ``ContrastiveModel`` built with ``axis_name="data"``.
-    tx: the optax optimizer.
+    tx: the optax optimizer. When ``config.optimizer`` asks for SAM
+      (``optim.is_sam``), its ``update`` also gets a ``grad_fn``: the
+      gradient of the same batch's objective at the weights it is given.
     schedule: learning rate by step (reported in the metrics).
     config: the run's config (``loss``, ``model``, ``batch_size``).
     mesh: a mesh with a ``"data"`` axis.
