@@ -588,12 +588,15 @@ def config_summary(config) -> str:
   if l.get("name"):
     loss.append(f"{l.weight:g}x{l.name}")
   if l.get("ce_weight"):
-    loss.append(f"{l.ce_weight:g}xCE")
+    loss.append(f"{l.ce_weight:g}xCE" + (
+        f" (smoothing {l.label_smoothing:g})" if l.get("label_smoothing")
+        else ""))
   epochs = (f"{config.num_steps} steps" if config.get("num_steps", 0)
             else f"{config.num_epochs} epochs")
+  sam = (f" + SAM rho {o.sam_rho:g}" if o.get("sam_rho", 0.0) else "")
   return (f"{m.backbone}{tuple(kw.get('widths', ())) or ''}, "
           f"{'+'.join(loss)}, {m.dtype}, batch {config.batch_size}, "
-          f"{o.name} lr {o.learning_rate:g}, {epochs}, "
+          f"{o.name} lr {o.learning_rate:g}{sam}, {epochs}, "
           f"{config.input} input, {config.data.augment}")
 
 

@@ -267,3 +267,14 @@ def test_profile_summary_busy_time_and_kinds():
   # span 4 ms, busy 3 ms; convolution a third of the kernel time
   assert "span 4.00 ms, busy 3.00 ms (75.0%)" in text
   assert "| convolution | 1.00 | 33.3% |" in text
+
+
+def test_config_summary_names_smoothing_and_sam():
+  c = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                     "sgd,resnet18,smooth,cutout,sam")
+  text = ac.config_summary(c)
+  assert "1xCE (smoothing 0.2)" in text and "sgd lr 0.4 + SAM rho 0.05" in text
+  assert "crop_flip_cutout" in text
+  plain = ac.config_summary(
+      ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py")))
+  assert "SAM" not in plain and "smoothing" not in plain
