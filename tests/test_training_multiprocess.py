@@ -230,3 +230,42 @@ def test_two_processes_equal_one_process(shard_on_device, tmp_path):
   assert evals[0] == evals[1]
   for k in ("knn_top1", "linear_probe_top1"):
     assert res[k] == pytest.approx(ref[k], abs=2.5e-3), k  # <= 1 of 539
+
+
+def test_processes_stop_together_when_one_runs_out_of_time(tmp_path):
+  """Process 0's training budget runs out; process 1 has none.
+
+  The stop is decided at the steps where the processes compare their flags
+  (every ``log_every``): both stop there, save together, evaluate and exit.
+  A process that stopped alone would leave the other waiting in a
+  collective until the timeout.
+  """
+  workdir = tmp_path / "run"
+  common = ["--config.num_steps=100000", "--config.log_every=3",
+            "--config.checkpoint.every_steps=100000"]
+  for attempt in range(2):
+    dist = [f"--config.distributed.coordinator_address=127.0.0.1:"
+            f"{_free_port()}", "--config.distributed.num_processes=2"]
+    budgets = ["--config.max_train_seconds=2", "--config.max_train_seconds=0"]
+    pair = [_launch(f"budget{i}_try{attempt}", workdir, 2,
+                    common + dist + [budgets[i],
+                                     f"--config.distributed.process_id={i}"],
+                    tmp_path) for i in range(2)]
+    codes = _wait_all(pair, TIMEOUT_S)
+    logs = "\n".join(_tail(p) for p in pair)
+    if codes != [0, 0] and attempt == 0 and re.search(
+        r"(?i)address already in use|failed to add port", logs):
+      shutil.rmtree(workdir, ignore_errors=True)
+      continue
+    break
+  if codes != [0, 0] and _distributed_did_not_start(pair):
+    pytest.skip("jax.distributed could not start two local CPU processes"
+                " here:\n" + logs)
+  assert codes == [0, 0], logs
+  res = json.loads((workdir / "results.json").read_text())
+  assert res["status"] == "time_budget" and res["processes"] == 2, res
+  assert res["step"] % 3 == 0 and 0 < res["step"] < 100000
+  assert _saved_state(workdir)[0] == res["step"]
+  evals = [_printed_eval(p) for p in pair]
+  assert set(evals[0]) == {"knn_top1", "linear_probe_top1"}
+  assert evals[0] == evals[1]
