@@ -29,6 +29,9 @@ gradient: without it that bias only feeds the BatchNorm projection head,
 which cancels it, and Adam turns its roundoff-level gradient into O(lr) steps
 that differ with any change of reduction order.
 
+A second test gives one of two processes a training-time budget
+(``max_train_seconds``) and the other none: both must stop at the same step.
+
 Skipped, with the children's output, when ``jax.distributed`` cannot start
 on this machine (no loopback networking, a jaxlib without CPU collectives).
 """
