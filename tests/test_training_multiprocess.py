@@ -166,6 +166,33 @@ def _printed_eval(proc) -> dict:
           re.findall(r"^(knn_top1|linear_probe_top1): ([0-9.]+)$", text, re.M)}
 
 
+def _run_pair(name, workdir, extras, logdir):
+  """Two ``jax.distributed`` processes of two devices each, to the end.
+
+  ``extras[i]`` are process ``i``'s own flags. Retries once on another port
+  if the first was taken meanwhile; skips the test when ``jax.distributed``
+  cannot start here. Returns the two finished processes.
+  """
+  for attempt in range(2):
+    dist = [f"--config.distributed.coordinator_address=127.0.0.1:"
+            f"{_free_port()}", "--config.distributed.num_processes=2"]
+    pair = [_launch(f"{name}{i}_try{attempt}", workdir, 2,
+                    extras[i] + dist + [f"--config.distributed.process_id={i}"],
+                    logdir) for i in range(2)]
+    codes = _wait_all(pair, TIMEOUT_S)
+    logs = "\n".join(_tail(p) for p in pair)
+    if codes != [0, 0] and attempt == 0 and re.search(
+        r"(?i)address already in use|failed to add port", logs):
+      shutil.rmtree(workdir, ignore_errors=True)
+      continue
+    break
+  if codes != [0, 0] and _distributed_did_not_start(pair):
+    pytest.skip("jax.distributed could not start two local CPU processes"
+                " here:\n" + logs)
+  assert codes == [0, 0], logs
+  return pair
+
+
 @pytest.mark.parametrize("shard_on_device", [False, True])
 def test_two_processes_equal_one_process(shard_on_device, tmp_path):
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
@@ -173,23 +200,7 @@ def test_two_processes_equal_one_process(shard_on_device, tmp_path):
   reference = _launch("single", single, 4,
                       data + ["--config.distributed.mode=off"], tmp_path)
   try:
-    for attempt in range(2):  # another port if the first was taken meanwhile
-      dist = [f"--config.distributed.coordinator_address=127.0.0.1:"
-              f"{_free_port()}", "--config.distributed.num_processes=2"]
-      pair = [_launch(f"process{i}_try{attempt}", multi, 2,
-                      data + dist + [f"--config.distributed.process_id={i}"],
-                      tmp_path) for i in range(2)]
-      codes = _wait_all(pair, TIMEOUT_S)
-      logs = "\n".join(_tail(p) for p in pair)
-      if codes != [0, 0] and attempt == 0 and re.search(
-          r"(?i)address already in use|failed to add port", logs):
-        shutil.rmtree(multi, ignore_errors=True)
-        continue
-      break
-    if codes != [0, 0] and _distributed_did_not_start(pair):
-      pytest.skip("jax.distributed could not start two local CPU processes"
-                  " here:\n" + logs)
-    assert codes == [0, 0], logs
+    pair = _run_pair("process", multi, [data, data], tmp_path)
     assert _wait_all([reference], TIMEOUT_S) == [0], _tail(reference)
   finally:
     _wait_all([reference], 0)  # kills it if it is still running
@@ -246,25 +257,9 @@ def test_processes_stop_together_when_one_runs_out_of_time(tmp_path):
   workdir = tmp_path / "run"
   common = ["--config.num_steps=100000", "--config.log_every=3",
             "--config.checkpoint.every_steps=100000"]
-  for attempt in range(2):
-    dist = [f"--config.distributed.coordinator_address=127.0.0.1:"
-            f"{_free_port()}", "--config.distributed.num_processes=2"]
-    budgets = ["--config.max_train_seconds=2", "--config.max_train_seconds=0"]
-    pair = [_launch(f"budget{i}_try{attempt}", workdir, 2,
-                    common + dist + [budgets[i],
-                                     f"--config.distributed.process_id={i}"],
-                    tmp_path) for i in range(2)]
-    codes = _wait_all(pair, TIMEOUT_S)
-    logs = "\n".join(_tail(p) for p in pair)
-    if codes != [0, 0] and attempt == 0 and re.search(
-        r"(?i)address already in use|failed to add port", logs):
-      shutil.rmtree(workdir, ignore_errors=True)
-      continue
-    break
-  if codes != [0, 0] and _distributed_did_not_start(pair):
-    pytest.skip("jax.distributed could not start two local CPU processes"
-                " here:\n" + logs)
-  assert codes == [0, 0], logs
+  pair = _run_pair("budget", workdir,
+                   [common + ["--config.max_train_seconds=2"],
+                    common + ["--config.max_train_seconds=0"]], tmp_path)
   res = json.loads((workdir / "results.json").read_text())
   assert res["status"] == "time_budget" and res["processes"] == 2, res
   assert res["step"] % 3 == 0 and 0 < res["step"] < 100000
