@@ -99,6 +99,10 @@ _STEP_OPTIMIZER = flags.DEFINE_string(
     " config's LARS (e.g. sgd), to time what the optimizer costs.")
 _STEP_PROBE = flags.DEFINE_bool(
     "train_step_probe", True, "train_step: keep the config's online probe.")
+_STEP_NORM = flags.DEFINE_list(
+    "train_step_norm", ["plain", "remat"], "train_step: BatchNorm + ReLU"
+    " variants timed at each batch: 'plain' autodiff, 'remat' (recomputed in"
+    " the backward pass from bfloat16 inputs, ResNet remat_norm).")
 _PROFILE_STEPS = flags.DEFINE_integer(
     "profile_steps", 0, "train_step: after timing, trace this many steps with"
     " jax.profiler into <out_dir>/profile_b<batch>.xplane.pb (read it with"
@@ -278,7 +282,8 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
                           warmup: int = 2, optimizer: str = "",
                           online_probe: bool = True,
                           profile_path: str = "",
-                          profile_steps: int = 5) -> dict[str, Any]:
+                          profile_steps: int = 5,
+                          remat_norm: bool = False) -> dict[str, Any]:
   """Images/s and MFU of the real SimCLR train step (ResNet-18, NT-Xent).
 
   ``experiments/configs/simclr_cifar10.py`` with ``batch_size`` and
@@ -286,7 +291,8 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
   ``make_train_step`` on a one-device mesh; the batch is random float32
   ``[B, views, 32, 32, 3]`` already on the device. ``optimizer`` (e.g.
   ``"sgd"``) replaces the config's LARS and ``online_probe=False`` drops the
-  probe head, to time what each costs; with ``profile_path``,
+  probe head, to time what each costs; ``remat_norm`` recomputes the
+  backbone's BatchNorm + ReLU in the backward pass; with ``profile_path``,
   ``profile_steps`` more steps are traced by ``jax.profiler`` after the
   timing, into that ``.xplane.pb`` file (``experiments/profile_summary.py``
   reads it).
@@ -307,6 +313,8 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
   if optimizer:
     c.optimizer.name = optimizer
   c.model.online_probe = bool(online_probe)
+  c.model.backbone_kwargs = dict(c.model.backbone_kwargs,
+                                 remat_norm=bool(remat_norm))
   mesh = loop.make_mesh(1)
   info = types.SimpleNamespace(num_classes=10, image_shape=(32, 32, 3),
                                num_train=50_000)
@@ -359,10 +367,12 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
       "xla_memory": _memory_analysis(compiled),
       "peak_bytes_in_use": peak_memory_bytes(),
       "optimizer": c.optimizer.name, "online_probe": bool(online_probe),
+      "remat_norm": bool(remat_norm),
       "profile": os.path.basename(profile_path) or None,
       "model": "ResNet-18 (CIFAR stem) + BN projection 2048->128, NT-Xent"
                f" T=0.2, {c.optimizer.name.upper()}"
                + (", online probe" if online_probe else ", no probe")
+               + (", BN+ReLU recomputed" if remat_norm else "")
                + " (simclr_cifar10.py)",
       "data": "synthetic, on device",
   }
@@ -644,7 +654,8 @@ def _rows_train_step(part: dict) -> list[list[str]]:
         f" x {r['views']} views, synthetic on-device data"
         + (f", {r['optimizer']}" if r.get("optimizer", "lars") != "lars"
            else "")
-        + ("" if r.get("online_probe", True) else ", no probe"),
+        + ("" if r.get("online_probe", True) else ", no probe")
+        + (", BN+ReLU recomputed" if r.get("remat_norm") else ""),
         f"{_num(r['images_per_s'])} img/s ({_num(r['views_per_s'])} views/s);"
         f" MFU {_pct(mfu)}" + (f" ({source} FLOPs)" if source else ""),
         f"{_num(tf and tf / 1e12, '{:.2f}')} TFLOP/step (XLA; analytic 3 x"
@@ -753,6 +764,14 @@ def _batch_list(values) -> list[int]:
   return [int(str(v).replace("_", "")) for v in values]
 
 
+def _norm_variants(values) -> list[str]:
+  bad = sorted(set(values) - {"plain", "remat"})
+  if bad or not values:
+    raise ValueError(f"--train_step_norm takes 'plain' and/or 'remat', got"
+                     f" {list(values)}.")
+  return list(values)
+
+
 def _sweep(res: dict, part: str, sizes, size_key: str, measure, save) -> None:
   """``measure(size)`` for each size into ``res["runs"]``; a failure is a row."""
   res["runs"] = []
@@ -802,15 +821,20 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
     return res
   save(res)
   if part == "train_step":
-    _sweep(res, part, _batch_list(_BATCHES.value), "batch_size",
-           lambda b: train_step_throughput(
-               b, steps=_STEPS.value, dtype=_DTYPE.value,
+    norms = _norm_variants(_STEP_NORM.value)
+    _sweep(res, part, [(b, n) for b in _batch_list(_BATCHES.value)
+                       for n in norms], "batch_size",
+           lambda bn: train_step_throughput(
+               bn[0], steps=_STEPS.value, dtype=_DTYPE.value,
                peak_tflops=_PEAK_TFLOPS.value,
                optimizer=_STEP_OPTIMIZER.value,
                online_probe=_STEP_PROBE.value,
-               profile_path=(os.path.join(out_dir, f"profile_b{b}.xplane.pb")
+               profile_path=(os.path.join(
+                   out_dir, f"profile_b{bn[0]}"
+                   + ("_remat" if bn[1] == "remat" else "") + ".xplane.pb")
                              if _PROFILE_STEPS.value else ""),
-               profile_steps=_PROFILE_STEPS.value),
+               profile_steps=_PROFILE_STEPS.value,
+               remat_norm=bn[1] == "remat"),
            save)
   elif part == "tiled":
     _sweep(res, part, _batch_list(_TILED_BATCHES.value), "batch",
@@ -969,6 +993,10 @@ def main(argv):
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
     raise app.UsageError(f"--parts: unknown {sorted(unknown)}; know {PARTS}")
+  try:
+    _norm_variants(_STEP_NORM.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   out_dir = resolve_out_dir(_OUT_DIR.value)
   results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
                       "argv": sys.argv[1:], "parts": parts,

@@ -238,9 +238,12 @@ def test_train_step_variant_and_its_trace_summary(tmp_path):
   path = str(tmp_path / "profile_b4.xplane.pb")
   r = ac.train_step_throughput(4, steps=1, warmup=1, dtype="float32",
                                optimizer="sgd", online_probe=False,
-                               profile_path=path, profile_steps=1)
-  assert r["optimizer"] == "sgd" and not r["online_probe"]
-  assert "SGD, no probe" in r["model"] and r["loss_finite"]
+                               profile_path=path, profile_steps=1,
+                               remat_norm=True)
+  assert r["optimizer"] == "sgd" and not r["online_probe"] and r["remat_norm"]
+  assert "SGD, no probe, BN+ReLU recomputed" in r["model"] and r["loss_finite"]
+  row = ac.format_table({"meta": {}, "parts": {"train_step": {"runs": [r]}}})
+  assert "sgd, no probe, BN+ReLU recomputed" in row
   assert r["profile"] == "profile_b4.xplane.pb"
   plane, events = profile_summary.load_events(path)
   assert plane and events  # a CPU trace: the busiest host plane

@@ -1,9 +1,12 @@
 """Tests for contrastive_jax.models: shapes, parameter counts, BatchNorm modes, dtypes, hashing."""
 
+import contextlib
 import functools
+import io
 
 import flax.linen as nn
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -299,12 +302,86 @@ def test_bfloat16_matches_float32(make, shape):
     assert rel < 3e-2, rel
 
 
-@pytest.mark.parametrize("name", ["projection_head", "resnet"])
+def _saved_residual_kinds(fn, *args):
+    """``{"f32", "bf16", "bool", ...}`` of the activation-sized residuals ``fn``'s VJP saves."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ad_checkpoint.print_saved_residuals(fn, *args)
+    kinds = set()
+    for line in out.getvalue().splitlines():
+        kind, _, dims = line.split(" ", 1)[0].partition("[")
+        dims = dims.rstrip("]")
+        # Parameters are the function's arguments; activations are >= 1024 here.
+        if ("from the argument" not in line and dims
+                and np.prod([int(d) for d in dims.split(",")]) >= 1024):
+            kinds.add(kind)
+    return kinds
+
+
+@pytest.mark.parametrize("block_cls", [BasicBlock, Bottleneck])
+def test_remat_norm_is_the_same_function_with_fewer_saved_bytes(block_cls):
+    x = _images((4, 8, 8, 3))
+    make = functools.partial(_tiny_resnet, block_cls=block_cls)
+    variables = _init(make(), x)
+    # Same variables, same names: checkpoints load in either mode.
+    assert jax.tree.structure(variables) == jax.tree.structure(_init(make(remat_norm=True), x))
+
+    def loss(model, params, x):
+        out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                   x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.square(out.astype(jnp.float32))), updates
+
+    def value_and_grad(model):
+        fn = jax.value_and_grad(functools.partial(loss, model), argnums=(0, 1), has_aux=True)
+        return jax.tree.map(lambda a: np.asarray(a, np.float64),
+                            jax.jit(fn)(variables["params"], x))
+
+    f32 = value_and_grad(make())
+    # float32: the recomputation repeats the forward pass's operations exactly.
+    for got, want in zip(jax.tree.leaves(value_and_grad(make(remat_norm=True))),
+                         jax.tree.leaves(f32)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # bfloat16: the two round at different points; neither is further from float32.
+    plain = make(dtype=jnp.bfloat16)
+    remat = make(dtype=jnp.bfloat16, remat_norm=True)
+    want = np.concatenate([a.ravel() for a in jax.tree.leaves(f32)])
+    err = {}
+    for name, m in (("plain", plain), ("remat", remat)):
+        got = np.concatenate([a.ravel() for a in jax.tree.leaves(value_and_grad(m))])
+        err[name] = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err["remat"] <= 1.25 * err["plain"], err
+    # Plain autodiff keeps float32 normalisation intermediates and ReLU masks;
+    # the recomputed version keeps only bfloat16 activations.
+    kinds = [_saved_residual_kinds(lambda p, x: loss(m, p, x)[0], variables["params"], x)
+             for m in (plain, remat)]
+    assert {"f32", "bool"} <= kinds[0], kinds[0]
+    assert kinds[1] == {"bf16"}, kinds[1]
+
+
+@pytest.mark.parametrize("remat_norm", [False, True])
+def test_batch_norm_act_matches_batchnorm_add_relu(remat_norm):
+    x, r = _images((6, 5)), _images((6, 5), seed=1)
+    ref = nn.BatchNorm(use_running_average=False)
+    fused = models.batch_norm_act(remat=remat_norm, use_running_average=False)
+    variables = _init(ref, x)
+    want, want_stats = _apply(ref, variables, x, mutable=["batch_stats"])
+    got, got_stats = _apply(fused, variables, x, r, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, np.maximum(np.asarray(want) + np.asarray(r), 0.0),
+                               rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    plain = _apply(models.batch_norm_act(relu=False, use_running_average=True), variables, x)
+    np.testing.assert_allclose(plain, _apply(nn.BatchNorm(use_running_average=True), variables, x),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["projection_head", "resnet", "resnet_remat_norm"])
 def test_batchnorm_axis_name_synchronises_stats(name):
     if name == "projection_head":
         make, shape = lambda axis: ProjectionHead(8, 4, final_bn=True, axis_name=axis), (12,)
     else:
-        make, shape = lambda axis: _tiny_resnet(axis_name=axis), (6, 6, 3)
+        remat = name == "resnet_remat_norm"
+        make, shape = lambda axis: _tiny_resnet(axis_name=axis, remat_norm=remat), (6, 6, 3)
     num_shards, per_shard = 2, 3
     x = _images((num_shards * per_shard, *shape)) + 1.0
     model, synced = make(None), make("batch")

@@ -9,6 +9,7 @@ from contrastive_jax.models.autoencoder import ConvAutoencoder, reconstruction_l
 from contrastive_jax.models.cnn import FastCNN, SmallCNN, patch_whitening_kernel
 from contrastive_jax.models.heads import ClassifierHead, HashHead, ProjectionHead, hash_scale
 from contrastive_jax.models.mlp import MLP
+from contrastive_jax.models.norm import BatchNormAct, batch_norm_act
 from contrastive_jax.models.resnet import (
     BasicBlock,
     Bottleneck,
@@ -29,6 +30,8 @@ __all__ = [
     "ResNet50",
     "BasicBlock",
     "Bottleneck",
+    "BatchNormAct",
+    "batch_norm_act",
     "ConvAutoencoder",
     "reconstruction_loss",
     "ProjectionHead",

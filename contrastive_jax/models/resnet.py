@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.models.conv import conv_general_dilated
+from contrastive_jax.models.norm import batch_norm_act
 
 Dtype = Any
 
@@ -19,12 +20,16 @@ Dtype = Any
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _norm(train: bool, axis_name: str | None, momentum: float, dtype: Dtype,
-          param_dtype: Dtype) -> functools.partial[nn.BatchNorm]:
-    """BatchNorm factory: epsilon 1e-5 as in PyTorch, optional cross-device sync axis."""
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
-                             epsilon=1e-5, axis_name=axis_name, dtype=dtype,
-                             param_dtype=param_dtype)
+def _norm(train: bool, module: nn.Module) -> functools.partial:
+    """BatchNorm(+ residual)(+ ReLU) factory from ``module``'s attributes.
+
+    Epsilon 1e-5 as in PyTorch, optional cross-device sync axis; ReLU on
+    unless ``relu=False`` is passed.
+    """
+    return functools.partial(batch_norm_act, remat=module.remat_norm,
+                             use_running_average=not train, momentum=module.bn_momentum,
+                             epsilon=1e-5, axis_name=module.axis_name, dtype=module.dtype,
+                             param_dtype=module.param_dtype)
 
 
 def _last_scale_init(zero: bool) -> nn.initializers.Initializer:
@@ -41,6 +46,8 @@ class BasicBlock(nn.Module):
         bn_momentum: BatchNorm running-average momentum (flax convention).
         zero_init_residual: start the last BN scale of the block at zero, so the
             block is initially the identity (Goyal et al., 2017).
+        remat_norm: recompute each BatchNorm (+ add) + ReLU in the backward pass
+            instead of saving its float32 intermediates (``models.norm``).
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -52,6 +59,7 @@ class BasicBlock(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
+    remat_norm: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -62,16 +70,15 @@ class BasicBlock(nn.Module):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
                                  conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = _norm(train, self.axis_name, self.bn_momentum, self.dtype, self.param_dtype)
+        norm = _norm(train, self)
         s = (self.strides, self.strides)
         y = conv(self.features, (3, 3), s, padding=((1, 1), (1, 1)), name="conv1")(x)
-        y = nn.relu(norm(name="norm1")(y))
+        y = norm(name="norm1")(y)
         y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
-        y = norm(scale_init=_last_scale_init(self.zero_init_residual), name="norm2")(y)
         if x.shape[-1] != self.features or self.strides != 1:
             x = conv(self.features, (1, 1), s, name="shortcut_conv")(x)
-            x = norm(name="shortcut_norm")(x)
-        return nn.relu(x + y)
+            x = norm(relu=False, name="shortcut_norm")(x)
+        return norm(scale_init=_last_scale_init(self.zero_init_residual), name="norm2")(y, x)
 
 
 class Bottleneck(nn.Module):
@@ -83,6 +90,7 @@ class Bottleneck(nn.Module):
         axis_name: mapped axis over which BatchNorm statistics are averaged.
         bn_momentum: BatchNorm running-average momentum (flax convention).
         zero_init_residual: start the last BN scale of the block at zero.
+        remat_norm: recompute each BatchNorm (+ add) + ReLU in the backward pass.
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -94,6 +102,7 @@ class Bottleneck(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
+    remat_norm: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -104,19 +113,18 @@ class Bottleneck(nn.Module):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
                                  conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = _norm(train, self.axis_name, self.bn_momentum, self.dtype, self.param_dtype)
+        norm = _norm(train, self)
         out = self.features * self.expansion
         s = (self.strides, self.strides)
         y = conv(self.features, (1, 1), name="conv1")(x)
-        y = nn.relu(norm(name="norm1")(y))
+        y = norm(name="norm1")(y)
         y = conv(self.features, (3, 3), s, padding=((1, 1), (1, 1)), name="conv2")(y)
-        y = nn.relu(norm(name="norm2")(y))
+        y = norm(name="norm2")(y)
         y = conv(out, (1, 1), name="conv3")(y)
-        y = norm(scale_init=_last_scale_init(self.zero_init_residual), name="norm3")(y)
         if x.shape[-1] != out or self.strides != 1:
             x = conv(out, (1, 1), s, name="shortcut_conv")(x)
-            x = norm(name="shortcut_norm")(x)
-        return nn.relu(x + y)
+            x = norm(relu=False, name="shortcut_norm")(x)
+        return norm(scale_init=_last_scale_init(self.zero_init_residual), name="norm3")(y, x)
 
 
 class ResNet(nn.Module):
@@ -139,6 +147,10 @@ class ResNet(nn.Module):
         bn_momentum: BatchNorm running-average momentum in the flax convention
             (0.9 == PyTorch's ``momentum=0.1``).
         zero_init_residual: start each block's last BN scale at zero.
+        remat_norm: recompute each BatchNorm (+ residual add) + ReLU in the
+            backward pass from its bfloat16 input instead of saving float32
+            intermediates: the same values with fewer bytes moved, for
+            memory-bound accelerator steps (``contrastive_jax.models.norm``).
         dtype: computation dtype (e.g. ``jnp.bfloat16``); BN statistics are still
             reduced in float32.
         param_dtype: parameter dtype.
@@ -155,6 +167,7 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
+    remat_norm: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -175,9 +188,7 @@ class ResNet(nn.Module):
             x = conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(x)
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
-        x = _norm(train, self.axis_name, self.bn_momentum, self.dtype,
-                  self.param_dtype)(name="stem_norm")(x)
-        x = nn.relu(x)
+        x = _norm(train, self)(name="stem_norm")(x)
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, num_blocks in enumerate(self.stage_sizes):
@@ -188,6 +199,7 @@ class ResNet(nn.Module):
                     axis_name=self.axis_name,
                     bn_momentum=self.bn_momentum,
                     zero_init_residual=self.zero_init_residual,
+                    remat_norm=self.remat_norm,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"stage{i + 1}_block{j + 1}",
