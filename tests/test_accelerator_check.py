@@ -146,6 +146,12 @@ def test_cifar_config_variants():
   assert not best.optimizer.sam_rho
   assert ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
                         "sgd,sam").optimizer.sam_rho == 0.05
+  fused = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                         "sgd,resnet18,remat_norm,runlocal")
+  assert fused.model.backbone_kwargs["remat_norm"]
+  assert fused.model.backbone.startswith("resnet")
+  with pytest.raises(ValueError, match="remat_norm needs a ResNet"):
+    ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "remat_norm")
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 
