@@ -21,8 +21,12 @@ a JSON of every number to ``--out_dir`` (default ``$OUT``, else
   it (on GPUs the cuDNN convolutions are custom calls it does not count:
   ``step_flops``); MFU = FLOPs/step x steps/s / ``--peak_tflops``.
   ``--train_step_optimizer=sgd`` / ``--notrain_step_probe`` time the step
-  without LARS / the online probe; ``--profile_steps=N`` traces N more steps
-  per batch into ``profile_b<batch>.xplane.pb``, which
+  without LARS / the online probe; ``--train_step_norm`` (default
+  ``plain,remat``) times each batch twice, with the backbone's BatchNorm +
+  ReLU under plain autodiff and recomputed in the backward pass
+  (``ResNet(remat_norm=True)``: fewer bytes moved, the same function);
+  ``--profile_steps=N`` traces N more steps per batch (and variant) into
+  ``profile_b<batch>[_remat].xplane.pb``, which
   ``experiments/profile_summary.py`` breaks down by kernel.
 * ``tiled``: value + gradient of ``losses.nt_xent_loss(block_size=...)`` at
   each of ``--tiled_batches`` (D = ``--dim``): minimum of 2 timed calls after
