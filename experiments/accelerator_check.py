@@ -21,12 +21,11 @@ a JSON of every number to ``--out_dir`` (default ``$OUT``, else
   it (on GPUs the cuDNN convolutions are custom calls it does not count:
   ``step_flops``); MFU = FLOPs/step x steps/s / ``--peak_tflops``.
   ``--train_step_optimizer=sgd`` / ``--notrain_step_probe`` time the step
-  without LARS / the online probe; ``--train_step_norm`` (default
-  ``plain,remat``) times each batch twice, with the backbone's BatchNorm +
-  ReLU under plain autodiff and recomputed in the backward pass
-  (``ResNet(remat_norm=True)``: fewer bytes moved, the same function);
-  ``--profile_steps=N`` traces N more steps per batch (and variant) into
-  ``profile_b<batch>[_remat].xplane.pb``, which
+  without LARS / the online probe; ``--train_step_norm=autodiff,remat,custom``
+  times each batch with each backward pass of the backbone's BatchNorm +
+  ReLU (``ResNet(norm_backward=...)``, ``contrastive_jax.models.norm``: the
+  same function, fewer bytes moved); ``--profile_steps=N`` traces N more
+  steps per batch (and variant) into ``profile_b<batch>[_<variant>].xplane.pb``, which
   ``experiments/profile_summary.py`` breaks down by kernel.
 * ``tiled``: value + gradient of ``losses.nt_xent_loss(block_size=...)`` at
   each of ``--tiled_batches`` (D = ``--dim``): minimum of 2 timed calls after
@@ -104,9 +103,9 @@ _STEP_OPTIMIZER = flags.DEFINE_string(
 _STEP_PROBE = flags.DEFINE_bool(
     "train_step_probe", True, "train_step: keep the config's online probe.")
 _STEP_NORM = flags.DEFINE_list(
-    "train_step_norm", ["plain", "remat"], "train_step: BatchNorm + ReLU"
-    " variants timed at each batch: 'plain' autodiff, 'remat' (recomputed in"
-    " the backward pass from bfloat16 inputs, ResNet remat_norm).")
+    "train_step_norm", ["autodiff"], "train_step: backward passes of the"
+    " ResNet's BatchNorm + ReLU to time at each batch, among 'autodiff',"
+    " 'remat' and 'custom' (ResNet norm_backward, contrastive_jax.models.norm).")
 _PROFILE_STEPS = flags.DEFINE_integer(
     "profile_steps", 0, "train_step: after timing, trace this many steps with"
     " jax.profiler into <out_dir>/profile_b<batch>.xplane.pb (read it with"
@@ -287,7 +286,7 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
                           online_probe: bool = True,
                           profile_path: str = "",
                           profile_steps: int = 5,
-                          remat_norm: bool = False) -> dict[str, Any]:
+                          norm_backward: str = "autodiff") -> dict[str, Any]:
   """Images/s and MFU of the real SimCLR train step (ResNet-18, NT-Xent).
 
   ``experiments/configs/simclr_cifar10.py`` with ``batch_size`` and
@@ -295,8 +294,8 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
   ``make_train_step`` on a one-device mesh; the batch is random float32
   ``[B, views, 32, 32, 3]`` already on the device. ``optimizer`` (e.g.
   ``"sgd"``) replaces the config's LARS and ``online_probe=False`` drops the
-  probe head, to time what each costs; ``remat_norm`` recomputes the
-  backbone's BatchNorm + ReLU in the backward pass; with ``profile_path``,
+  probe head, to time what each costs; ``norm_backward`` picks the
+  backbone's BatchNorm + ReLU backward pass; with ``profile_path``,
   ``profile_steps`` more steps are traced by ``jax.profiler`` after the
   timing, into that ``.xplane.pb`` file (``experiments/profile_summary.py``
   reads it).
@@ -318,7 +317,7 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
     c.optimizer.name = optimizer
   c.model.online_probe = bool(online_probe)
   c.model.backbone_kwargs = dict(c.model.backbone_kwargs,
-                                 remat_norm=bool(remat_norm))
+                                 norm_backward=norm_backward)
   mesh = loop.make_mesh(1)
   info = types.SimpleNamespace(num_classes=10, image_shape=(32, 32, 3),
                                num_train=50_000)
@@ -371,12 +370,13 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
       "xla_memory": _memory_analysis(compiled),
       "peak_bytes_in_use": peak_memory_bytes(),
       "optimizer": c.optimizer.name, "online_probe": bool(online_probe),
-      "remat_norm": bool(remat_norm),
+      "norm_backward": norm_backward,
       "profile": os.path.basename(profile_path) or None,
       "model": "ResNet-18 (CIFAR stem) + BN projection 2048->128, NT-Xent"
                f" T=0.2, {c.optimizer.name.upper()}"
                + (", online probe" if online_probe else ", no probe")
-               + (", BN+ReLU recomputed" if remat_norm else "")
+               + ("" if norm_backward == "autodiff"
+                  else f", BN+ReLU backward: {norm_backward}")
                + " (simclr_cifar10.py)",
       "data": "synthetic, on device",
   }
@@ -659,7 +659,8 @@ def _rows_train_step(part: dict) -> list[list[str]]:
         + (f", {r['optimizer']}" if r.get("optimizer", "lars") != "lars"
            else "")
         + ("" if r.get("online_probe", True) else ", no probe")
-        + (", BN+ReLU recomputed" if r.get("remat_norm") else ""),
+        + (f", BN+ReLU backward: {r['norm_backward']}"
+           if r.get("norm_backward", "autodiff") != "autodiff" else ""),
         f"{_num(r['images_per_s'])} img/s ({_num(r['views_per_s'])} views/s);"
         f" MFU {_pct(mfu)}" + (f" ({source} FLOPs)" if source else ""),
         f"{_num(tf and tf / 1e12, '{:.2f}')} TFLOP/step (XLA; analytic 3 x"
@@ -769,9 +770,9 @@ def _batch_list(values) -> list[int]:
 
 
 def _norm_variants(values) -> list[str]:
-  bad = sorted(set(values) - {"plain", "remat"})
-  if bad or not values:
-    raise ValueError(f"--train_step_norm takes 'plain' and/or 'remat', got"
+  from contrastive_jax.models import norm  # pylint: disable=g-import-not-at-top
+  if not values or set(values) - set(norm.BACKWARDS):
+    raise ValueError(f"--train_step_norm takes some of {norm.BACKWARDS}, got"
                      f" {list(values)}.")
   return list(values)
 
@@ -835,10 +836,10 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
                online_probe=_STEP_PROBE.value,
                profile_path=(os.path.join(
                    out_dir, f"profile_b{bn[0]}"
-                   + ("_remat" if bn[1] == "remat" else "") + ".xplane.pb")
-                             if _PROFILE_STEPS.value else ""),
+                   + ("" if bn[1] == "autodiff" else f"_{bn[1]}")
+                   + ".xplane.pb") if _PROFILE_STEPS.value else ""),
                profile_steps=_PROFILE_STEPS.value,
-               remat_norm=bn[1] == "remat"),
+               norm_backward=bn[1]),
            save)
   elif part == "tiled":
     _sweep(res, part, _batch_list(_TILED_BATCHES.value), "batch",

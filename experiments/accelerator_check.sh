@@ -27,9 +27,7 @@
 #
 # Then one call of the device tool (the parts share a 540 s limit inside the
 # module; see RESERVE_S there; on 2026-11-29 the whole call took 355 s of
-# device time, 322 s of it the command; the train-step part has since gained
-# a second variant per batch, --train_step_norm=plain,remat, about 90 s more
-# of compilation by the 11-29 compile times):
+# device time, 322 s of it the command):
 #
 #   run(command="bash experiments/accelerator_check.sh", carry=[".whl", ".datatar"], timeout_s=590)
 #

@@ -147,11 +147,14 @@ def test_cifar_config_variants():
   assert ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
                         "sgd,sam").optimizer.sam_rho == 0.05
   fused = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
-                         "sgd,resnet18,remat_norm,runlocal")
-  assert fused.model.backbone_kwargs["remat_norm"]
+                         "sgd,resnet18,norm_custom,runlocal")
+  assert fused.model.backbone_kwargs["norm_backward"] == "custom"
   assert fused.model.backbone.startswith("resnet")
-  with pytest.raises(ValueError, match="remat_norm needs a ResNet"):
-    ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "remat_norm")
+  assert ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                        "resnet18,norm_remat").model.backbone_kwargs[
+                            "norm_backward"] == "remat"
+  with pytest.raises(ValueError, match="norm_remat needs a ResNet"):
+    ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "norm_remat")
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 
@@ -245,11 +248,14 @@ def test_train_step_variant_and_its_trace_summary(tmp_path):
   r = ac.train_step_throughput(4, steps=1, warmup=1, dtype="float32",
                                optimizer="sgd", online_probe=False,
                                profile_path=path, profile_steps=1,
-                               remat_norm=True)
-  assert r["optimizer"] == "sgd" and not r["online_probe"] and r["remat_norm"]
-  assert "SGD, no probe, BN+ReLU recomputed" in r["model"] and r["loss_finite"]
+                               norm_backward="custom")
+  assert r["optimizer"] == "sgd" and not r["online_probe"]
+  assert r["norm_backward"] == "custom"
+  assert "SGD, no probe, BN+ReLU backward: custom" in r["model"] and r["loss_finite"]
   row = ac.format_table({"meta": {}, "parts": {"train_step": {"runs": [r]}}})
-  assert "sgd, no probe, BN+ReLU recomputed" in row
+  assert "sgd, no probe, BN+ReLU backward: custom" in row
+  with pytest.raises(ValueError, match="train_step_norm takes some of"):
+    ac._norm_variants(["plain"])
   assert r["profile"] == "profile_b4.xplane.pb"
   plane, events = profile_summary.load_events(path)
   assert plane and events  # a CPU trace: the busiest host plane

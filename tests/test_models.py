@@ -7,6 +7,8 @@ import io
 import flax.linen as nn
 import jax
 from jax import ad_checkpoint
+from jax import lax
+from jax import test_util as jtu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -318,13 +320,15 @@ def _saved_residual_kinds(fn, *args):
     return kinds
 
 
+@pytest.mark.parametrize("backward", ["remat", "custom"])
 @pytest.mark.parametrize("block_cls", [BasicBlock, Bottleneck])
-def test_remat_norm_is_the_same_function_with_fewer_saved_bytes(block_cls):
+def test_norm_backward_is_the_same_function_with_fewer_saved_bytes(block_cls, backward):
     x = _images((4, 8, 8, 3))
     make = functools.partial(_tiny_resnet, block_cls=block_cls)
     variables = _init(make(), x)
     # Same variables, same names: checkpoints load in either mode.
-    assert jax.tree.structure(variables) == jax.tree.structure(_init(make(remat_norm=True), x))
+    assert (jax.tree.structure(variables)
+            == jax.tree.structure(_init(make(norm_backward=backward), x)))
 
     def loss(model, params, x):
         out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
@@ -337,32 +341,34 @@ def test_remat_norm_is_the_same_function_with_fewer_saved_bytes(block_cls):
                             jax.jit(fn)(variables["params"], x))
 
     f32 = value_and_grad(make())
-    # float32: the recomputation repeats the forward pass's operations exactly.
-    for got, want in zip(jax.tree.leaves(value_and_grad(make(remat_norm=True))),
+    # float32: "remat" repeats the forward pass's operations exactly; "custom"
+    # is the same gradient written out, equal up to rounding.
+    tol = dict(rtol=1e-6, atol=1e-7) if backward == "remat" else dict(rtol=2e-4, atol=2e-5)
+    for got, want in zip(jax.tree.leaves(value_and_grad(make(norm_backward=backward))),
                          jax.tree.leaves(f32)):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    # bfloat16: the two round at different points; neither is further from float32.
+        np.testing.assert_allclose(got, want, **tol)
+    # bfloat16: they round at other points; neither is further from float32.
     plain = make(dtype=jnp.bfloat16)
-    remat = make(dtype=jnp.bfloat16, remat_norm=True)
+    other = make(dtype=jnp.bfloat16, norm_backward=backward)
     want = np.concatenate([a.ravel() for a in jax.tree.leaves(f32)])
     err = {}
-    for name, m in (("plain", plain), ("remat", remat)):
+    for name, m in (("autodiff", plain), (backward, other)):
         got = np.concatenate([a.ravel() for a in jax.tree.leaves(value_and_grad(m))])
         err[name] = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert err["remat"] <= 1.25 * err["plain"], err
-    # Plain autodiff keeps float32 normalisation intermediates and ReLU masks;
-    # the recomputed version keeps only bfloat16 activations.
+    assert err[backward] <= 1.25 * err["autodiff"], err
+    # Autodiff keeps float32 normalisation intermediates and ReLU masks; the
+    # other two keep only bfloat16 activations (and per-channel statistics).
     kinds = [_saved_residual_kinds(lambda p, x: loss(m, p, x)[0], variables["params"], x)
-             for m in (plain, remat)]
+             for m in (plain, other)]
     assert {"f32", "bool"} <= kinds[0], kinds[0]
     assert kinds[1] == {"bf16"}, kinds[1]
 
 
-@pytest.mark.parametrize("remat_norm", [False, True])
-def test_batch_norm_act_matches_batchnorm_add_relu(remat_norm):
+@pytest.mark.parametrize("backward", models.norm.BACKWARDS)
+def test_batch_norm_act_matches_batchnorm_add_relu(backward):
     x, r = _images((6, 5)), _images((6, 5), seed=1)
     ref = nn.BatchNorm(use_running_average=False)
-    fused = models.batch_norm_act(remat=remat_norm, use_running_average=False)
+    fused = models.batch_norm_act(backward=backward, use_running_average=False)
     variables = _init(ref, x)
     want, want_stats = _apply(ref, variables, x, mutable=["batch_stats"])
     got, got_stats = _apply(fused, variables, x, r, mutable=["batch_stats"])
@@ -370,18 +376,110 @@ def test_batch_norm_act_matches_batchnorm_add_relu(remat_norm):
                                rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    plain = _apply(models.batch_norm_act(relu=False, use_running_average=True), variables, x)
-    np.testing.assert_allclose(plain, _apply(nn.BatchNorm(use_running_average=True), variables, x),
+    evaluate = models.batch_norm_act(backward=backward, relu=False, use_running_average=True)
+    np.testing.assert_allclose(_apply(evaluate, variables, x),
+                               _apply(nn.BatchNorm(use_running_average=True), variables, x),
                                rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="residual shape"):
+        _apply(fused, variables, x, r[:3], mutable=["batch_stats"])
 
 
-@pytest.mark.parametrize("name", ["projection_head", "resnet", "resnet_remat_norm"])
+def test_batch_norm_act_rejects_bad_options():
+    with pytest.raises(ValueError, match="backward must be one of"):
+        models.batch_norm_act(backward="fast")
+    odd = models.batch_norm_act(backward="custom", use_running_average=False, use_bias=False)
+    x = _images((6, 5))
+    with pytest.raises(ValueError, match="custom_vjp=True"):
+        _apply(odd, _init(odd, x), x, mutable=["batch_stats"])
+
+
+def test_custom_backward_check_grads_float64():
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(7, 3)))
+        r = jnp.asarray(rng.normal(size=(7, 3)))
+        w = jnp.asarray(rng.normal(size=(7, 3)))
+        module = models.batch_norm_act(backward="custom", relu=False,
+                                       use_running_average=False, dtype=jnp.float64,
+                                       param_dtype=jnp.float64)
+        variables = module.init(jax.random.key(0), x, r)
+
+        def f(x, scale, bias, r):
+            params = {"scale": scale, "bias": bias}
+            out, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                  x, r, mutable=["batch_stats"])
+            return jnp.sum(w * out + jnp.square(out))
+
+        scale = jnp.asarray(rng.normal(size=3))
+        bias = jnp.asarray(rng.normal(size=3))
+        jtu.check_grads(f, (x, scale, bias, r), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_custom_backward_under_axis_name_matches_the_full_batch():
+    # Two shards under vmap(axis_name) against one batch of 8 under autodiff:
+    # the input gradient needs the global sums, the parameters the local ones.
+    x, r, w = (_images((8, 5), seed=s) for s in range(3))
+    ref = models.batch_norm_act(use_running_average=False)
+    synced = models.batch_norm_act(backward="custom", use_running_average=False,
+                                   axis_name="shards")
+    variables = _init(ref, x)
+
+    def loss(module, params, x, r, w):
+        out, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              x, r, mutable=["batch_stats"])
+        return jnp.sum(w * out)
+
+    def sharded(params, x, r, w):
+        split = lambda a: a.reshape(2, 4, 5)
+        per_shard = jax.vmap(functools.partial(loss, synced), in_axes=(None, 0, 0, 0),
+                             axis_name="shards")(params, split(x), split(r), split(w))
+        return jnp.sum(per_shard)
+
+    want = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(
+        variables["params"], x, r, w)
+    got = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(variables["params"], x, r, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_backward_under_shard_map_matches_autodiff():
+    # The train step's pattern: replicated parameters, a sharded batch, a
+    # pmean'd loss; autodiff sums the replicated parameters' gradients over
+    # the shards, and the custom backward pass must do the same.
+    from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    mesh = loop.make_mesh(2)
+    x, r, w = (_images((8, 5), seed=s) for s in range(3))
+    grads = []
+    for backward in ("autodiff", "custom"):
+        module = models.batch_norm_act(backward=backward, use_running_average=False,
+                                       axis_name="data")
+        variables = _init(module, x)
+
+        def per_device(params, x, r, w, module=module, variables=variables):
+            def loss(params, x, r):
+                out, _ = module.apply({"params": params,
+                                       "batch_stats": variables["batch_stats"]},
+                                      x, r, mutable=["batch_stats"])
+                return lax.pmean(jnp.sum(w * out), "data")
+            return jax.grad(loss, argnums=(0, 1, 2))(params, x, r)
+
+        fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+                           out_specs=(P(), P("data"), P("data")))
+        grads.append(jax.jit(fn)(variables["params"], x, r, w))
+    for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["projection_head", "resnet", "resnet_remat",
+                                  "resnet_custom"])
 def test_batchnorm_axis_name_synchronises_stats(name):
     if name == "projection_head":
         make, shape = lambda axis: ProjectionHead(8, 4, final_bn=True, axis_name=axis), (12,)
     else:
-        remat = name == "resnet_remat_norm"
-        make, shape = lambda axis: _tiny_resnet(axis_name=axis, remat_norm=remat), (6, 6, 3)
+        backward = name.split("_")[1] if "_" in name else "autodiff"
+        make, shape = (lambda axis: _tiny_resnet(axis_name=axis, norm_backward=backward),
+                       (6, 6, 3))
     num_shards, per_shard = 2, 3
     x = _images((num_shards * per_shard, *shape)) + 1.0
     model, synced = make(None), make("batch")

@@ -26,7 +26,7 @@ def _norm(train: bool, module: nn.Module) -> functools.partial:
     Epsilon 1e-5 as in PyTorch, optional cross-device sync axis; ReLU on
     unless ``relu=False`` is passed.
     """
-    return functools.partial(batch_norm_act, remat=module.remat_norm,
+    return functools.partial(batch_norm_act, backward=module.norm_backward,
                              use_running_average=not train, momentum=module.bn_momentum,
                              epsilon=1e-5, axis_name=module.axis_name, dtype=module.dtype,
                              param_dtype=module.param_dtype)
@@ -46,8 +46,8 @@ class BasicBlock(nn.Module):
         bn_momentum: BatchNorm running-average momentum (flax convention).
         zero_init_residual: start the last BN scale of the block at zero, so the
             block is initially the identity (Goyal et al., 2017).
-        remat_norm: recompute each BatchNorm (+ add) + ReLU in the backward pass
-            instead of saving its float32 intermediates (``models.norm``).
+        norm_backward: backward pass of each BatchNorm (+ add) + ReLU:
+            ``"autodiff"``, ``"remat"`` or ``"custom"`` (``models.norm``).
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -59,7 +59,7 @@ class BasicBlock(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
-    remat_norm: bool = False
+    norm_backward: str = "autodiff"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -90,7 +90,7 @@ class Bottleneck(nn.Module):
         axis_name: mapped axis over which BatchNorm statistics are averaged.
         bn_momentum: BatchNorm running-average momentum (flax convention).
         zero_init_residual: start the last BN scale of the block at zero.
-        remat_norm: recompute each BatchNorm (+ add) + ReLU in the backward pass.
+        norm_backward: ``"autodiff"``, ``"remat"`` or ``"custom"`` (``models.norm``).
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -102,7 +102,7 @@ class Bottleneck(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
-    remat_norm: bool = False
+    norm_backward: str = "autodiff"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -147,10 +147,11 @@ class ResNet(nn.Module):
         bn_momentum: BatchNorm running-average momentum in the flax convention
             (0.9 == PyTorch's ``momentum=0.1``).
         zero_init_residual: start each block's last BN scale at zero.
-        remat_norm: recompute each BatchNorm (+ residual add) + ReLU in the
-            backward pass from its bfloat16 input instead of saving float32
-            intermediates: the same values with fewer bytes moved, for
-            memory-bound accelerator steps (``contrastive_jax.models.norm``).
+        norm_backward: backward pass of each BatchNorm (+ residual add) +
+            ReLU: ``"autodiff"``, or ``"remat"`` / ``"custom"``, which keep
+            only bfloat16 activations instead of float32 intermediates: the
+            same function with fewer bytes moved, for memory-bound
+            accelerator steps (``contrastive_jax.models.norm``).
         dtype: computation dtype (e.g. ``jnp.bfloat16``); BN statistics are still
             reduced in float32.
         param_dtype: parameter dtype.
@@ -167,7 +168,7 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
-    remat_norm: bool = False
+    norm_backward: str = "autodiff"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -199,7 +200,7 @@ class ResNet(nn.Module):
                     axis_name=self.axis_name,
                     bn_momentum=self.bn_momentum,
                     zero_init_residual=self.zero_init_residual,
-                    remat_norm=self.remat_norm,
+                    norm_backward=self.norm_backward,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"stage{i + 1}_block{j + 1}",

@@ -75,11 +75,12 @@ SupCon configs in place of the FastCNN, same head and loss.
 ``sam``: sharpness-aware minimisation, radius 0.05 (Foret et al., 2021, on
 CIFAR-10), around the SGD: twice the compute per step, so the check's
 calibration fits half the epochs. Not yet run on a GPU.
-``remat_norm`` (with ``resnet18``): the ResNet's BatchNorm + ReLU recomputed
-in the backward pass instead of saving float32 intermediates
-(``contrastive_jax.models.norm``): the same model, fewer bytes moved per
-step. Not yet run on a GPU; ``accelerator_check --parts=train_step`` times
-both.
+``norm_remat`` / ``norm_custom`` (with ``resnet18``): the ResNet's
+BatchNorm + ReLU backward pass recomputed (``nn.remat``) or written out
+(``jax.custom_vjp``) instead of autodiff's, which saves float32
+intermediates (``contrastive_jax.models.norm``): the same model, fewer
+bytes moved per step. Not yet run on a GPU; ``accelerator_check
+--parts=train_step --train_step_norm=autodiff,remat,custom`` times them.
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
 a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth,cutout``.
 """
@@ -87,7 +88,8 @@ a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth,cutout``.
 from experiments.configs import common
 
 EPOCHS = 20
-ARGS = ("sgd", "resnet18", "smooth", "cutout", "sam", "remat_norm", "runlocal")
+ARGS = ("sgd", "resnet18", "smooth", "cutout", "sam", "norm_remat", "norm_custom",
+        "runlocal")
 
 
 def get_config(arg: str | None = None):
@@ -139,8 +141,9 @@ def get_config(arg: str | None = None):
   c.progress_bar = False
   if "runlocal" in args:
     c = common.runlocal(c)
-  if "remat_norm" in args:
-    if not c.model.backbone.startswith("resnet"):
-      raise ValueError("cifar10_gpu: remat_norm needs a ResNet (add resnet18).")
-    c.model.backbone_kwargs = dict(c.model.backbone_kwargs, remat_norm=True)
+  for backward in ("remat", "custom"):
+    if f"norm_{backward}" in args:
+      if not c.model.backbone.startswith("resnet"):
+        raise ValueError(f"cifar10_gpu: norm_{backward} needs a ResNet (add resnet18).")
+      c.model.backbone_kwargs = dict(c.model.backbone_kwargs, norm_backward=backward)
   return c
