@@ -79,11 +79,12 @@ def _batch_norm_act(x, scale, bias, residual, epsilon, axis_name, relu, dtype):
 def _batch_norm_act_fwd(x, scale, bias, residual, epsilon, axis_name, relu, dtype):
   out, mean, var, rstd = _forward(x, scale, bias, residual, epsilon, axis_name, relu,
                                   dtype)
-  residual_dtype = None if residual is None else jnp.zeros((), residual.dtype)
   # The axis size is read here: the backward pass may be traced where the
-  # mapped axis is no longer bound (e.g. under vmap).
+  # mapped axis is no longer bound (e.g. under vmap). Keeping ``residual``
+  # costs no memory: it is the block's input or the shortcut's output, both
+  # kept for their own backward passes anyway.
   count = jnp.asarray(_count(x, axis_name), mean.dtype)
-  return (out, mean, var), (x, out, mean, rstd, scale, bias, residual_dtype, count)
+  return (out, mean, var), (x, out, mean, rstd, scale, bias, residual, count)
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -107,7 +108,7 @@ def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
 
 def _batch_norm_act_bwd(epsilon, axis_name, relu, dtype, saved, cotangents):
   del epsilon, dtype
-  x, out, mean, rstd, scale, bias, residual_dtype, count = saved
+  x, out, mean, rstd, scale, bias, residual, count = saved
   # The statistics' cotangents are dropped: they only feed the running
   # averages in batch_stats, which no loss differentiates.
   g = cotangents[0].astype(_stats_dtype(x))
@@ -117,14 +118,14 @@ def _batch_norm_act_bwd(epsilon, axis_name, relu, dtype, saved, cotangents):
   axes = tuple(range(x.ndim - 1))
   dbias = jnp.sum(g, axes)
   dscale = jnp.sum(g * xhat, axes)
-  # This shard's parameter gradients are its own sums (the caller averages
-  # them across devices); the input gradient needs the global ones, since
-  # the statistics are global.
+  # The parameter gradients are this shard's own sums (``_like_primal`` adds
+  # the shards up where the parameters are replicated, as autodiff does);
+  # the input gradient needs the global sums, since the statistics are global.
   sums = jnp.stack([dbias, dscale])
   if axis_name is not None:
     sums = lax.psum(sums, axis_name)
   dx = (scale * rstd) * (g - sums[0] / count - xhat * (sums[1] / count))
-  dresidual = None if residual_dtype is None else g.astype(residual_dtype.dtype)
+  dresidual = None if residual is None else _like_primal(g.astype(residual.dtype), residual)
   return (_like_primal(dx.astype(x.dtype), x),
           _like_primal(dscale.astype(scale.dtype), scale),
           _like_primal(dbias.astype(bias.dtype), bias), dresidual)
