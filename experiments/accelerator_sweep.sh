@@ -58,9 +58,9 @@ for name in "${names[@]}"; do
     [ -f "$w/$f" ] && cp "$w/$f" "$root/$name/$f"
   done
   rm -rf "$w"
-  python3 - "$name" "$root/$name" <<'PY'
+  python3 - "$name" "$root/$name" "${#names[@]}" <<'PY'
 import json, os, sys
-name, d = sys.argv[1], sys.argv[2]
+name, d, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 try:
   r = json.load(open(os.path.join(d, "results.json")))
 except OSError:
@@ -71,8 +71,10 @@ keys = ("classifier_top1", "classifier_top1_tta_flip",
         "classifier_top1_tta_flip_translate", "knn_top1", "linear_probe_top1")
 figs = ", ".join(f"{k} {100 * r[k]:.2f}" for k in keys if r.get(k) is not None)
 print(f"{name}: {figs}; step {r.get('step')}/{r.get('total_steps')},"
-      f" {r.get('images_per_sec', 0):,.0f} img/s (shared),"
-      f" training {r.get('train_time_s') or 0:.0f} s,"
+      f" {r.get('images_per_sec', 0):,.0f} img/s"
+      f" ({'alone' if runs == 1 else f'shared {runs} ways'}),"
+      f" training {r.get('train_time_s') or 0:.0f} s"
+      f" (loop with compilation {r.get('loop_time_s') or 0:.0f} s),"
       f" wall {r.get('wall_time_s', 0):.0f} s, {r.get('status')}")
 PY
 done
