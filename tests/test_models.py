@@ -579,3 +579,19 @@ def test_autoencoder_rejects_indivisible_shape():
         _shapes(ConvAutoencoder(image_shape=(8, 8, 1)), (2, 16, 16, 1))
     with pytest.raises(ValueError, match="shape mismatch"):
         reconstruction_loss(jnp.zeros((2, 4)), jnp.zeros((2, 5)))
+
+
+def test_varying_axes_reads_every_known_form(monkeypatch):
+    from contrastive_jax.models import norm  # pylint: disable=g-import-not-at-top
+
+    class Printed:  # a type known only by its printed form
+        def __str__(self):
+            return "float32[8,5]{V:data,model}"
+
+    class Named:
+        vma = frozenset({"data"})
+
+    monkeypatch.setattr(norm.jax, "typeof", lambda x: x)
+    assert norm._varying_axes(Printed()) == {"data", "model"}
+    assert norm._varying_axes(Named()) == {"data"}
+    assert norm._varying_axes("float32[8,5]") == frozenset()

@@ -27,6 +27,7 @@ checkpoints load either way (``tests/test_models.py``).
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -88,11 +89,20 @@ def _batch_norm_act_fwd(x, scale, bias, residual, epsilon, axis_name, relu, dtyp
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
-  """The mesh axes along which ``x`` varies inside ``shard_map`` (empty elsewhere)."""
+  """The mesh axes along which ``x`` varies inside ``shard_map`` (empty elsewhere).
+
+  JAX has renamed this type attribute between releases (``aval.vma``;
+  ``aval.manual_axis_type.varying`` in 0.10); the last resort reads the
+  type's printed form, ``float32[8,5]{V:data}``.
+  """
   aval = jax.typeof(x)
   if hasattr(aval, "vma"):
     return frozenset(aval.vma)
-  return frozenset(getattr(getattr(aval, "manual_axis_type", None), "varying", ()))
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None and hasattr(manual, "varying"):
+    return frozenset(manual.varying)
+  found = re.search(r"\{V:([^}]*)\}", str(aval))
+  return frozenset(a.strip() for a in found.group(1).split(",")) if found else frozenset()
 
 
 def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
