@@ -195,6 +195,11 @@ class BatchNormAct(nn.BatchNorm):
     return out
 
 
+# The lifted class, built once: nothing is saved inside it, so the backward
+# pass recomputes it from its inputs.
+_RematBatchNormAct = nn.remat(BatchNormAct)
+
+
 def batch_norm_act(*, backward: str = "autodiff", **kwargs) -> BatchNormAct:
   """A ``BatchNormAct`` (``kwargs`` are its attributes) with the given backward pass.
 
@@ -205,5 +210,5 @@ def batch_norm_act(*, backward: str = "autodiff", **kwargs) -> BatchNormAct:
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}.")
   if backward == "remat":
-    return nn.remat(BatchNormAct)(**kwargs)
+    return _RematBatchNormAct(**kwargs)
   return BatchNormAct(custom_vjp=backward == "custom", **kwargs)
