@@ -643,7 +643,10 @@ def _rows_train_step(part: dict) -> list[list[str]]:
   rows = []
   for r in part.get("runs", []):
     if "error" in r:
-      rows.append(["train step", f"batch {r.get('batch_size')}",
+      variant = r.get("norm_backward", "autodiff")
+      rows.append(["train step", f"batch {r.get('batch_size')}"
+                   + ("" if variant == "autodiff"
+                      else f", BN+ReLU backward: {variant}"),
                    f"FAILED: {r['error']}", ""])
       continue
     tf = r.get("flops_per_step")
@@ -777,15 +780,21 @@ def _norm_variants(values) -> list[str]:
   return list(values)
 
 
-def _sweep(res: dict, part: str, sizes, size_key: str, measure, save) -> None:
-  """``measure(size)`` for each size into ``res["runs"]``; a failure is a row."""
+def _sweep(res: dict, part: str, sizes, size_key, measure, save) -> None:
+  """``measure(size)`` for each size into ``res["runs"]``; a failure is a row.
+
+  ``size_key`` names the size in a failure's row; a tuple of names, one per
+  element, when each size is a tuple.
+  """
   res["runs"] = []
   for size in sizes:
     try:
       r = measure(size)
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
-      r = {size_key: size, "error": _err(e)}
+      r = (dict(zip(size_key, size)) if isinstance(size_key, tuple)
+           else {size_key: size})
+      r["error"] = _err(e)
     res["runs"].append(r)
     print(f"[{part}] {json.dumps(r, default=str)}", flush=True)
     save(res)
@@ -828,7 +837,7 @@ def run_part(part: str, *, out_dir: str, cifar_train_s: float,
   if part == "train_step":
     norms = _norm_variants(_STEP_NORM.value)
     _sweep(res, part, [(b, n) for b in _batch_list(_BATCHES.value)
-                       for n in norms], "batch_size",
+                       for n in norms], ("batch_size", "norm_backward"),
            lambda bn: train_step_throughput(
                bn[0], steps=_STEPS.value, dtype=_DTYPE.value,
                peak_tflops=_PEAK_TFLOPS.value,

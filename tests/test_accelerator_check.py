@@ -293,3 +293,17 @@ def test_config_summary_names_smoothing_and_sam():
   plain = ac.config_summary(
       ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py")))
   assert "SAM" not in plain and "smoothing" not in plain
+
+
+def test_a_failed_train_step_variant_names_batch_and_variant():
+  res = {}
+
+  def measure(size):
+    raise RuntimeError(f"no {size[1]}")
+
+  ac._sweep(res, "train_step", [(1024, "custom")], ("batch_size", "norm_backward"),
+            measure, lambda r: None)
+  assert res["runs"] == [{"batch_size": 1024, "norm_backward": "custom",
+                          "error": "RuntimeError: no custom"}]
+  table = ac.format_table({"meta": {}, "parts": {"train_step": res}})
+  assert "| batch 1024, BN+ReLU backward: custom | FAILED: RuntimeError: no custom |" in table
