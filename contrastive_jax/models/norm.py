@@ -11,7 +11,7 @@ bfloat16 activations (``backward=``):
 * ``"remat"``: the module under ``nn.remat``; the backward pass recomputes
   the statistics, normalisation, add and mask from the saved input ``y``.
   In float32 the values, gradients and ``batch_stats`` are the same to the
-  bit as autodiff's; in bfloat16 the recomputation rounds at other points,
+  bit as autodiff's (tested on the CPU); in bfloat16 the recomputation rounds at other points,
   with the same error against float32.
 * ``"custom"``: a ``jax.custom_vjp`` with the batch-norm gradient written out
   (two reductions, then one elementwise pass). It keeps ``y``, the output
