@@ -375,12 +375,16 @@ def train_step_throughput(batch_size: int, *, steps: int = 20,
       "model": "ResNet-18 (CIFAR stem) + BN projection 2048->128, NT-Xent"
                f" T=0.2, {c.optimizer.name.upper()}"
                + (", online probe" if online_probe else ", no probe")
-               + ("" if norm_backward == "autodiff"
-                  else f", BN+ReLU backward: {norm_backward}")
-               + " (simclr_cifar10.py)",
+               + _norm_label(norm_backward) + " (simclr_cifar10.py)",
       "data": "synthetic, on device",
   }
   return res
+
+
+def _norm_label(norm_backward: str) -> str:
+  """The train step's description suffix for a BatchNorm backward variant."""
+  return ("" if norm_backward == "autodiff"
+          else f", BN+ReLU backward: {norm_backward}")
 
 
 def _trace_steps(step: Callable[[Any], tuple[Any, Any]], state, steps: int,
@@ -643,10 +647,8 @@ def _rows_train_step(part: dict) -> list[list[str]]:
   rows = []
   for r in part.get("runs", []):
     if "error" in r:
-      variant = r.get("norm_backward", "autodiff")
       rows.append(["train step", f"batch {r.get('batch_size')}"
-                   + ("" if variant == "autodiff"
-                      else f", BN+ReLU backward: {variant}"),
+                   + _norm_label(r.get("norm_backward", "autodiff")),
                    f"FAILED: {r['error']}", ""])
       continue
     tf = r.get("flops_per_step")
@@ -662,8 +664,7 @@ def _rows_train_step(part: dict) -> list[list[str]]:
         + (f", {r['optimizer']}" if r.get("optimizer", "lars") != "lars"
            else "")
         + ("" if r.get("online_probe", True) else ", no probe")
-        + (f", BN+ReLU backward: {r['norm_backward']}"
-           if r.get("norm_backward", "autodiff") != "autodiff" else ""),
+        + _norm_label(r.get("norm_backward", "autodiff")),
         f"{_num(r['images_per_s'])} img/s ({_num(r['views_per_s'])} views/s);"
         f" MFU {_pct(mfu)}" + (f" ({source} FLOPs)" if source else ""),
         f"{_num(tf and tf / 1e12, '{:.2f}')} TFLOP/step (XLA; analytic 3 x"
