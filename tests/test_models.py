@@ -1,12 +1,9 @@
 """Tests for contrastive_jax.models: shapes, parameter counts, BatchNorm modes, dtypes, hashing."""
 
-import contextlib
 import functools
-import io
 
 import flax.linen as nn
 import jax
-from jax import ad_checkpoint
 from jax import lax
 from jax import test_util as jtu
 import jax.numpy as jnp
@@ -32,6 +29,7 @@ from contrastive_jax.models import (
     patch_whitening_kernel,
     reconstruction_loss,
 )
+from experiments.benchmarks import saved_residuals
 
 CIFAR = (2, 32, 32, 3)
 DIGITS = (2, 8, 8, 1)
@@ -306,18 +304,7 @@ def test_bfloat16_matches_float32(make, shape):
 
 def _saved_residual_kinds(fn, *args):
     """``{"f32", "bf16", "bool", ...}`` of the activation-sized residuals ``fn``'s VJP saves."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        ad_checkpoint.print_saved_residuals(fn, *args)
-    kinds = set()
-    for line in out.getvalue().splitlines():
-        kind, _, dims = line.split(" ", 1)[0].partition("[")
-        dims = dims.rstrip("]")
-        # Parameters are the function's arguments; activations are >= 1024 here.
-        if ("from the argument" not in line and dims
-                and np.prod([int(d) for d in dims.split(",")]) >= 1024):
-            kinds.add(kind)
-    return kinds
+    return set(saved_residuals.saved_residual_bytes(fn, *args, min_elements=1024))
 
 
 @pytest.mark.parametrize("backward", ["remat", "custom"])
