@@ -89,13 +89,15 @@ def safe_sqrt(x):
 
 
 def safe_normalize(x, *, eps: float = 1e-8):
-  """x / max(||x||, eps) along the last axis; a zero vector maps to zero.
+  """x / ||x|| along the last axis; a vector of norm <= eps maps to zero.
 
-  The norm is taken as sqrt(max(|x|^2, eps^2)), whose gradient at x = 0 is
-  zero instead of NaN.
+  Below ``eps`` the result is exactly 0 with a zero gradient: dividing by
+  ``max(||x||, eps)`` instead would give such a vector a gradient of
+  ``1 / eps`` (inf in float16), which swamps every other row's.
   """
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+  big = sq > eps * eps
+  return jnp.where(big, x * jax.lax.rsqrt(jnp.where(big, sq, 1.0)), 0.0)
 
 
 def _center(x):
@@ -135,12 +137,13 @@ def euclidean_distance(x: jax.Array, y: jax.Array, *,
 @jax.jit
 def cosine_similarity(x: jax.Array, y: jax.Array, *,
                       eps: float = 1e-8) -> jax.Array:
-  """Cosine similarity ``x·y / (max(|x|, eps) max(|y|, eps))``.
+  """Cosine similarity ``x·y / (|x| |y|)``; 0 where a norm is at most ``eps``.
 
   Args:
     x: array ``[..., D]``.
     y: array ``[..., D]``, broadcastable against ``x``.
-    eps: lower bound on each norm; a zero vector has similarity 0.
+    eps: a vector of norm at most ``eps`` (a zero vector) has similarity 0,
+      with a zero gradient.
 
   Returns:
     ``[...]`` similarities in ``[-1, 1]``.
@@ -161,7 +164,8 @@ def pearson_correlation(x: jax.Array, y: jax.Array, *,
   Args:
     x: array ``[..., D]``.
     y: array ``[..., D]``, broadcastable against ``x``.
-    eps: lower bound on each centred norm; a constant vector gives 0.
+    eps: a vector whose centred norm is at most ``eps`` (a constant vector)
+      gives 0, with a zero gradient.
 
   Returns:
     ``[...]`` correlations in ``[-1, 1]``.
@@ -261,7 +265,7 @@ def pairwise_cosine_similarity(x: jax.Array, y: jax.Array | None = None, *,
   Args:
     x: ``[N, D]``.
     y: ``[M, D]`` or ``None`` (``y = x``).
-    eps: lower bound on each norm; zero vectors have similarity 0.
+    eps: vectors of norm at most ``eps`` (zero vectors) have similarity 0.
 
   Returns:
     ``[N, M]`` similarities.
@@ -281,7 +285,8 @@ def pairwise_pearson_correlation(x: jax.Array, y: jax.Array | None = None, *,
   Args:
     x: ``[N, D]``.
     y: ``[M, D]`` or ``None`` (``y = x``).
-    eps: lower bound on each centred norm; constant vectors give 0.
+    eps: vectors whose centred norm is at most ``eps`` (constant vectors)
+      give 0.
 
   Returns:
     ``[N, M]`` correlations.

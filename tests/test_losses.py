@@ -2,6 +2,7 @@
 
 import functools
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -238,7 +239,8 @@ def _batch(rng, n=10, d=6, classes=4):
 def test_in_batch_loss_matches_reference_float64(name, metric):
   fn = IN_BATCH[name][0]
   kw = _kwargs(name, metric)
-  rng = np.random.default_rng(abs(hash((name, metric))) % 2**32)
+  # crc32, not hash(): str hashes change between processes.
+  rng = np.random.default_rng(zlib.crc32(f"{name}/{metric}".encode()))
   with jax.enable_x64(True):
     for trial in range(3):
       x, labels = _batch(rng, n=9 + trial)
@@ -301,13 +303,18 @@ def test_degenerate_batches_give_finite_values_and_grads(name, metric):
       "no_positives": (x, np.arange(6)),
       "large_norm": (x * 1e3, np.array([0, 0, 1, 1, 2, 2])),
   }
-  for case, (xc, lc) in cases.items():
-    value, grad = g(jnp.asarray(xc, jnp.float32), jnp.asarray(lc))
-    assert np.isfinite(value), case
-    assert np.all(np.isfinite(grad)), case
-    if case == "no_positives" and name not in ("contrastive",
-                                               "multi_similarity"):
-      assert value == 0.0, case
+  for dtype in (jnp.float32, jnp.float16):
+    for case, (xc, lc) in cases.items():
+      value, grad = g(jnp.asarray(xc, dtype), jnp.asarray(lc))
+      grad = np.asarray(grad, np.float32)
+      assert np.isfinite(value), (case, dtype)
+      assert np.all(np.isfinite(grad)), (case, dtype)
+      if case == "zero_vectors":
+        # Not 1/eps on the zero rows (a cosine's old failure mode).
+        assert np.max(np.abs(grad)) < 1e3, (case, dtype)
+      if case == "no_positives" and name not in ("contrastive",
+                                                 "multi_similarity"):
+        assert value == 0.0, (case, dtype)
 
 
 @pytest.mark.parametrize("name", ["nt_xent", "supcon"])
@@ -413,6 +420,17 @@ def test_vmap_over_a_batch_of_batches():
     batched = jax.vmap(fn)(jnp.asarray(x), jnp.asarray(labels))
     single = [fn(jnp.asarray(x[i]), jnp.asarray(labels[i])) for i in range(3)]
     np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_device_mean_counts_do_not_wrap():
+  # batch_all counts O(N^3) triplets: four devices with 6e8 each must not
+  # wrap an int32 psum (a negative count once turned the mean into a sum).
+  from contrastive_jax.losses import _collective  # pylint: disable=g-import-not-at-top
+  totals = jnp.full((4,), 6e8, jnp.float32)
+  counts = jnp.full((4,), 600_000_000, jnp.int32)
+  mean = jax.vmap(lambda t, c: _collective.global_mean(t, c, "i"),
+                  axis_name="i")(totals, counts)
+  np.testing.assert_allclose(mean, 1.0, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------

@@ -17,8 +17,9 @@ def _ref_euclidean(x, y):
 
 
 def _ref_cosine(x, y, eps=1e-8):
-  nx = max(np.sqrt(np.sum(x * x)), eps)
-  ny = max(np.sqrt(np.sum(y * y)), eps)
+  nx, ny = np.sqrt(np.sum(x * x)), np.sqrt(np.sum(y * y))
+  if nx <= eps or ny <= eps:
+    return 0.0
   return float(np.dot(x, y) / (nx * ny))
 
 
@@ -109,6 +110,12 @@ def test_zero_and_constant_vectors_give_zero_similarity_and_finite_grads(fn):
     assert s[2, 1] == 0.0
   g = jax.grad(lambda x: jnp.sum(fn(x)))(x)
   assert np.all(np.isfinite(g))
+  # Exactly zero, not 1/eps: a zero row must not swamp the others' gradients.
+  np.testing.assert_array_equal(g[0], 0.0)
+  if fn is sim.pairwise_pearson_correlation:
+    np.testing.assert_array_equal(g[2], 0.0)
+  g16 = jax.grad(lambda x: jnp.sum(fn(x)))(x.astype(jnp.float16))
+  assert np.all(np.isfinite(np.asarray(g16, np.float32)))
 
 
 def test_hamming_counts_sign_disagreements():

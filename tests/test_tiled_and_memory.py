@@ -165,6 +165,37 @@ def test_memory_feature_size_mismatch():
     losses.enqueue_memory(mem, jnp.ones((2, 5)), jnp.arange(2))
 
 
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_memory_labels_are_never_narrowed(block_size):
+  x, _ = _batch(9, n=6, d=4, classes=3)
+  old, _ = _batch(10, n=2, d=4, classes=3)
+  # Class 300 lives only in the memory; int8 batch labels must not wrap it
+  # onto class 44 (300 mod 256).
+  mem = losses.enqueue_memory(losses.create_memory(4, 4), old,
+                              jnp.array([300, 300]))
+  batch = np.array([44, 44, 1, 1, 2, 2])
+  for fn in (losses.batch_hard_triplet_loss,
+             functools.partial(losses.supervised_contrastive_loss,
+                               block_size=block_size)):
+    if fn is losses.batch_hard_triplet_loss and block_size:
+      continue
+    want = fn(x, jnp.asarray(batch, jnp.int32), memory=mem)
+    got = fn(x, jnp.asarray(batch, jnp.int8), memory=mem)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  with jax.enable_x64(True):
+    big = 2**32 + 1
+    mem64 = losses.create_memory(4, 4)
+    assert mem64.labels.dtype == jnp.int64
+    mem64 = losses.enqueue_memory(mem64, jnp.asarray(old), jnp.array([big, big]))
+    np.testing.assert_array_equal(mem64.labels[:2], [big, big])
+    # An int32 memory refuses int64 labels instead of truncating them.
+    with pytest.raises(TypeError, match="int64.*int32.*label_dtype"):
+      losses.enqueue_memory(losses.create_memory(4, 4, label_dtype=jnp.int32),
+                            jnp.asarray(old), jnp.array([big, big]))
+  with pytest.raises(TypeError, match="integer"):
+    losses.create_memory(4, 4, label_dtype=jnp.float32)
+
+
 def test_memory_training_loop_compiles_once():
   @jax.jit
   @chex.assert_max_traces(n=1)

@@ -60,9 +60,11 @@ def global_sum(x, axis_name):
 
 def global_mean(total, count, axis_name):
   """``sum(total) / sum(count)`` over devices; 0 where the count is 0."""
+  # Counted in the loss dtype: an int32 psum of triplet counts can wrap.
+  count = jnp.asarray(count).astype(jnp.asarray(total).dtype)
   total = global_sum(total, axis_name)
   count = global_sum(count, axis_name)
-  return total / jnp.maximum(count, 1).astype(total.dtype)
+  return total / jnp.maximum(count, 1.0)
 
 
 class Candidates(NamedTuple):
@@ -107,8 +109,12 @@ def in_batch_candidates(embeddings, labels, *, axis_name=None,
   if memory is not None:
     mem_emb, mem_labels, mem_valid = memory_candidates(memory, embeddings)
     cand = jnp.concatenate([cand, mem_emb.astype(cand.dtype)], axis=0)
+    # Compared in a dtype that holds both: narrowing either side (int32
+    # memory labels into int8 batch labels) would wrap and mismatch classes.
+    common = jnp.promote_types(labels.dtype, mem_labels.dtype)
+    labels = labels.astype(common)
     cand_labels = jnp.concatenate(
-        [cand_labels, mem_labels.astype(cand_labels.dtype)], axis=0)
+        [cand_labels.astype(common), mem_labels.astype(common)], axis=0)
     valid = jnp.concatenate([valid, mem_valid], axis=0)
   return Candidates(embeddings, labels, cand, cand_labels, valid,
                     anchor_indices(n, axis_name))

@@ -27,7 +27,7 @@ class CrossBatchMemory(NamedTuple):
 
   Attributes:
     embeddings: ``[S, D]`` stored embeddings (zeros where empty).
-    labels: ``[S]`` int32 labels.
+    labels: ``[S]`` integer labels (``create_memory``'s ``label_dtype``).
     valid: ``[S]`` bool, True for filled slots.
     index: scalar int32, the next slot to write.
   """
@@ -37,14 +37,17 @@ class CrossBatchMemory(NamedTuple):
   index: jax.Array
 
 
-def create_memory(size: int, dim: int, *,
-                  dtype=jnp.float32) -> CrossBatchMemory:
+def create_memory(size: int, dim: int, *, dtype=jnp.float32,
+                  label_dtype=None) -> CrossBatchMemory:
   """An empty memory of ``size`` slots for ``dim``-dimensional embeddings.
 
   Args:
     size: number of slots S.
     dim: feature size D.
     dtype: storage dtype of the embeddings.
+    label_dtype: storage dtype of the labels; default JAX's default integer
+      (int32, or int64 with ``jax_enable_x64``). ``enqueue_memory`` refuses
+      labels that it cannot hold exactly.
 
   Returns:
     A :class:`CrossBatchMemory` with no valid entry.
@@ -56,9 +59,12 @@ def create_memory(size: int, dim: int, *,
   """
   if size <= 0 or dim <= 0:
     raise ValueError(f"size and dim must be positive, got {size} and {dim}.")
+  labels = jnp.zeros((size,), int if label_dtype is None else label_dtype)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"label_dtype must be an integer dtype, got {labels.dtype}.")
   return CrossBatchMemory(
       embeddings=jnp.zeros((size, dim), dtype),
-      labels=jnp.zeros((size,), jnp.int32),
+      labels=labels,
       valid=jnp.zeros((size,), bool),
       index=jnp.zeros((), jnp.int32))
 
@@ -81,6 +87,11 @@ def enqueue_memory(memory: CrossBatchMemory, embeddings: jax.Array,
   embeddings, labels = _common.prepare_embeddings(embeddings, labels)
   sim.check_same_features("memory.embeddings", memory.embeddings,
                           "embeddings", embeddings)
+  if not jnp.can_cast(labels.dtype, memory.labels.dtype):
+    raise TypeError(
+        f"labels of dtype {labels.dtype} do not fit the memory's"
+        f" {memory.labels.dtype} labels exactly; create the memory with"
+        f" create_memory(..., label_dtype={labels.dtype}).")
   _collective.check_axis_name(axis_name)
   embeddings = _collective.all_gather(lax.stop_gradient(embeddings), axis_name,
                                       invariant=True)
@@ -93,6 +104,6 @@ def enqueue_memory(memory: CrossBatchMemory, embeddings: jax.Array,
   return CrossBatchMemory(
       embeddings=memory.embeddings.at[slots].set(
           embeddings.astype(memory.embeddings.dtype)),
-      labels=memory.labels.at[slots].set(labels.astype(jnp.int32)),
+      labels=memory.labels.at[slots].set(labels.astype(memory.labels.dtype)),
       valid=memory.valid.at[slots].set(True),
       index=((memory.index + n) % size).astype(jnp.int32))

@@ -128,7 +128,7 @@ def batch_all_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
   d, pos, neg = _mined_view(embeddings, labels, metric, axis_name, memory)
   losses = jax.nn.relu(d[:, :, None] - d[:, None, :] + margin)
   losses = jnp.where(pos[:, :, None] & neg[:, None, :], losses, 0.0)
-  count = jnp.sum(losses > 0)
+  count = jnp.sum(losses > 0, dtype=losses.dtype)  # can pass 2**31
   return col.global_mean(jnp.sum(losses), count, axis_name)
 
 
