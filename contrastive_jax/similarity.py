@@ -238,6 +238,12 @@ def pairwise_euclidean_distance(x: jax.Array, y: jax.Array | None = None, *,
 
   Computed as ``|x|^2 + |y|^2 - 2 x·y^T`` clamped at 0; with ``y=None`` the
   diagonal is exactly 0. The gradient is zero where two points coincide.
+  The cancellation costs precision at small distances: the error is about
+  ``sqrt(eps) |x|`` (``3e-4 |x|`` in float32), so smaller distances are not
+  resolved (they may come out 0). Use
+  :func:`euclidean_distance` (element-wise, exact), float64, or normalised
+  embeddings where near-duplicates matter; every loss with
+  ``metric="euclidean"`` inherits this.
 
   Args:
     x: ``[N, D]``.

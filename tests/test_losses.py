@@ -454,6 +454,14 @@ def test_in_batch_bad_input(name):
   if name in METRIC_LOSSES:
     with pytest.raises(ValueError, match="metric"):
       fn(x, labels, metric="manhattan")
+  with pytest.raises(ValueError, match=r"at least one row.*\(0, 3\)"):
+    fn(jnp.ones((0, 3)), jnp.arange(0))
+  with pytest.raises(TypeError, match="integer array.*list"):
+    fn(x, [0, 0, 1, 1])
+  # A per-column hyperparameter would broadcast silently.
+  for key in IN_BATCH[name][2]:
+    with pytest.raises(ValueError, match=rf"{key} must be a scalar.*\(4,\)"):
+      fn(x, labels, **{key: jnp.ones(4)})
 
 
 def test_query_key_bad_input():
@@ -468,3 +476,14 @@ def test_query_key_bad_input():
   with pytest.raises(ValueError, match=r"negatives.*\(3, 2, 3\)"):
     losses.triplet_margin_loss(jnp.ones((4, 3)), jnp.ones((4, 3)),
                                jnp.ones((3, 2, 3)))
+  with pytest.raises(ValueError, match=r"K >= 1.*\(4, 0, 3\)"):
+    losses.triplet_margin_loss(jnp.ones((4, 3)), jnp.ones((4, 3)),
+                               jnp.ones((4, 0, 3)))
+  with pytest.raises(ValueError, match=r"at least one row.*\(0, 3\)"):
+    losses.info_nce_loss(jnp.ones((0, 3)), jnp.ones((0, 3)))
+  for kw in (dict(scale=jnp.ones(4)), dict(bias=jnp.zeros((4, 1)))):
+    with pytest.raises(ValueError, match="must be a scalar"):
+      losses.sigmoid_contrastive_loss(jnp.ones((4, 3)), jnp.ones((4, 3)), **kw)
+  with pytest.raises(ValueError, match="temperature must be a scalar"):
+    losses.info_nce_loss(jnp.ones((4, 3)), jnp.ones((4, 3)),
+                         temperature=jnp.ones(4))

@@ -17,7 +17,10 @@ def check_metric(metric: str) -> None:
 
 def check_labels(labels, n: int, name: str = "embeddings") -> None:
   dtype = getattr(labels, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+  if dtype is None:
+    raise TypeError(
+        f"labels must be an integer array [N], got a {type(labels).__name__}.")
+  if not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(
         f"labels must be an integer array [N], got dtype {dtype} with shape"
         f" {jnp.shape(labels)}.")
@@ -27,9 +30,27 @@ def check_labels(labels, n: int, name: str = "embeddings") -> None:
         f" {jnp.shape(labels)}.")
 
 
+def check_scalars(**hyperparameters) -> None:
+  """Refuses a non-scalar hyperparameter (it would broadcast silently).
+
+  Values may be traced (a learnable temperature), so only the shape is
+  checked; their sign is the caller's to keep.
+  """
+  for name, value in hyperparameters.items():
+    if jnp.ndim(value) != 0:
+      raise ValueError(
+          f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+
+
+def _check_rows(name, x) -> None:
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} must have at least one row, got shape {x.shape}.")
+
+
 def prepare_embeddings(embeddings, labels):
   """Validates ``embeddings [N, D]`` and ``labels [N]``; casts to >= float32."""
   sim.check_matrix("embeddings", embeddings)
+  _check_rows("embeddings", embeddings)
   check_labels(labels, embeddings.shape[0])
   return embeddings.astype(sim.compute_dtype(embeddings)), labels
 
@@ -38,6 +59,7 @@ def prepare_pair(queries, keys):
   """Validates paired ``queries [N, D]`` and ``keys [N, D]``."""
   sim.check_matrix("queries", queries)
   sim.check_matrix("keys", keys)
+  _check_rows("queries", queries)
   if queries.shape != keys.shape:
     raise ValueError(
         "queries and keys must have the same shape [N, D] (key i is the"

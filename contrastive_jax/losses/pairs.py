@@ -29,8 +29,10 @@ def contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
   Mean of the non-zero ``relu(d - pos_margin)`` over positive pairs plus mean
   of the non-zero ``relu(neg_margin - d)`` over negative pairs (each term 0
   when it has no non-zero pair), as pytorch-metric-learning's
-  ``ContrastiveLoss`` with ``AvgNonZeroReducer``. Ordered pairs (i, j) and
-  (j, i) both count.
+  ``ContrastiveLoss`` with ``AvgNonZeroReducer`` and
+  ``distance=LpDistance(normalize_embeddings=False)`` (PML's default distance
+  normalises the embeddings first). Ordered pairs (i, j) and (j, i) both
+  count.
 
   Examples:
     >>> x = jnp.array([[0., 0.], [0., 1.], [3., 0.]])
@@ -54,6 +56,7 @@ def contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
     CVPR 2006.
   """
   _common.check_metric(metric)
+  _common.check_scalars(pos_margin=pos_margin, neg_margin=neg_margin)
   c = _view(embeddings, labels, axis_name, memory)
   d = _common.distance_matrix(c.anchors, c.embeddings, metric, c.is_self())
   pos_losses = jnp.where(c.positive_mask(), jax.nn.relu(d - pos_margin), 0.0)
@@ -97,6 +100,7 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *,
     Wang et al., Multi-Similarity Loss with General Pair Weighting for Deep
     Metric Learning, CVPR 2019.
   """
+  _common.check_scalars(alpha=alpha, beta=beta, base=base)
   c = _view(embeddings, labels, axis_name, memory)
   s = _common.cosine_matrix(c.anchors, c.embeddings)
   pos_term = _common.softplus(
@@ -138,6 +142,7 @@ def circle_loss(embeddings: jax.Array, labels: jax.Array, *, m: float = 0.4,
     Sun et al., Circle Loss: A Unified Perspective of Pair Similarity
     Optimization, CVPR 2020.
   """
+  _common.check_scalars(m=m, gamma=gamma)
   c = _view(embeddings, labels, axis_name, memory)
   s = _common.cosine_matrix(c.anchors, c.embeddings)
   pos, neg = c.positive_mask(), c.negative_mask()

@@ -42,6 +42,7 @@ def sigmoid_contrastive_loss(queries: jax.Array, keys: jax.Array, *,
   References:
     Zhai et al., Sigmoid Loss for Language Image Pre-Training, ICCV 2023.
   """
+  _common.check_scalars(scale=scale, bias=bias)
   queries, keys = _common.prepare_pair(queries, keys)
   col.check_axis_name(axis_name)
   n = queries.shape[0]

@@ -23,6 +23,7 @@ def _in_batch(kind, embeddings, labels, temperature, axis_name, block_size,
               memory):
   """NT-Xent or SupCon by the ring, the tiles, or the dense matrix."""
   _check_block_size(block_size)
+  _common.check_scalars(temperature=temperature)
   embeddings, labels = _common.prepare_embeddings(embeddings, labels)
   inv_temp = 1.0 / temperature
   if _use_ring(block_size, axis_name, memory):
@@ -276,7 +277,9 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
   Per anchor a with at least one positive:
   ``-mean_{p} log(e^{s_ap} / sum_{k != a} e^{s_ak})`` with cosine similarities
   divided by ``temperature``; mean over those anchors. Matches
-  pytorch-metric-learning's ``SupConLoss``.
+  pytorch-metric-learning's ``SupConLoss``, except on a batch with no
+  negative pair at all (one class): PML returns 0 there, while this follows
+  the paper's formula, whose denominator then holds positives only.
 
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (6, 8))
@@ -344,6 +347,7 @@ def info_nce_loss(queries: jax.Array, keys: jax.Array, *,
     Natural Language Supervision, ICML 2021.
   """
   _check_block_size(block_size)
+  _common.check_scalars(temperature=temperature)
   queries, keys = _common.prepare_pair(queries, keys)
   if negatives is not None:
     sim.check_matrix("negatives", negatives)

@@ -60,6 +60,7 @@ def triplet_margin_loss(anchors: jax.Array, positives: jax.Array,
     Clustering, CVPR 2015.
   """
   _common.check_metric(metric)
+  _common.check_scalars(margin=margin)
   sim.check_matrix("anchors", anchors)
   sim.check_matrix("positives", positives)
   sim.check_floating("negatives", negatives)
@@ -71,6 +72,8 @@ def triplet_margin_loss(anchors: jax.Array, positives: jax.Array,
     raise ValueError(
         f"negatives must have shape [N, D] = {anchors.shape} or [N, K, D],"
         f" got {negatives.shape}.")
+  if negatives.ndim == 3 and negatives.shape[1] == 0:
+    raise ValueError(f"negatives [N, K, D] needs K >= 1, got {negatives.shape}.")
   dtype = sim.compute_dtype(anchors, positives, negatives)
   a, p, n = (x.astype(dtype) for x in (anchors, positives, negatives))
   d_ap = _paired_distance(a, p, metric)
@@ -99,7 +102,9 @@ def batch_all_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
   Every (anchor, positive, negative) of the batch is used; the loss is averaged
   over the triplets whose loss is > 0 (0 when there is none), like
   pytorch-metric-learning's ``TripletMarginLoss`` with its default
-  ``AvgNonZeroReducer``. Memory is ``O(N^3)``: for large batches prefer
+  ``AvgNonZeroReducer`` and ``distance=LpDistance(normalize_embeddings=False)``
+  (PML's default distance normalises the embeddings first: pass normalised
+  embeddings for the same values). Memory is ``O(N^3)``: for large batches prefer
   :func:`batch_hard_triplet_loss` or :func:`semi_hard_triplet_loss` (``O(N^2)``
   per anchor row).
 
@@ -125,6 +130,7 @@ def batch_all_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
     Hermans et al., In Defense of the Triplet Loss for Person
     Re-Identification, 2017.
   """
+  _common.check_scalars(margin=margin)
   d, pos, neg = _mined_view(embeddings, labels, metric, axis_name, memory)
   losses = jax.nn.relu(d[:, :, None] - d[:, None, :] + margin)
   losses = jnp.where(pos[:, :, None] & neg[:, None, :], losses, 0.0)
@@ -162,6 +168,7 @@ def batch_hard_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
     Hermans et al., In Defense of the Triplet Loss for Person
     Re-Identification, 2017.
   """
+  _common.check_scalars(margin=margin)
   d, pos, neg = _mined_view(embeddings, labels, metric, axis_name, memory)
   valid = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
   hardest_pos = _common.masked_max(d, pos)
@@ -203,6 +210,7 @@ def semi_hard_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
     Schroff et al., FaceNet: A Unified Embedding for Face Recognition and
     Clustering, CVPR 2015.
   """
+  _common.check_scalars(margin=margin)
   d, pos, neg = _mined_view(embeddings, labels, metric, axis_name, memory)
   d_ap = d[:, :, None]                            # [n, C(p), 1]
   d_an = d[:, None, :]                            # [n, 1, C(n)]
