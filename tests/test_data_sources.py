@@ -97,6 +97,10 @@ def test_validation_split_is_stratified_and_disjoint(folder):
                                      validation_fraction=0.3)
   assert [pathlib.Path(p).name for p in paths[:3]] == [
       "0007.png", "0008.png", "0009.png"]
+  # 0 is refused, not read as "the default".
+  for fn in (data.load_split_arrays, data.image_folder_files):
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\), got 0.0"):
+      fn("tiny", "validation", data_dir=root, validation_fraction=0.0)
 
 
 def test_validation_indices_edge_cases():

@@ -50,7 +50,8 @@ SPLITS = ("train", "validation", "test", "train_full")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
-# Per-channel mean and std of the training images in [0, 1].
+# Per-channel mean and std of the training images in [0, 1] (digits: of all
+# 1,797 images; its 70% train split's differ by under 0.002).
 DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -272,7 +273,8 @@ def image_folder_files(name: str, split: str, *,
   folder, carve = _folder_split_dir(source, split)
   paths, labels, _ = list_image_folder(folder)
   if carve:
-    frac = validation_fraction or default_validation_fraction(name)
+    frac = (default_validation_fraction(name) if validation_fraction is None
+            else validation_fraction)
     idx = carve_split(labels, split, validation_fraction=frac)
     paths = [paths[i] for i in idx]
     labels = labels[idx]
@@ -530,7 +532,8 @@ def load_split_arrays(name: str, split: str, *,
     DatasetUnavailableError: the data is not local and cannot be downloaded.
   """
   check_split(split)
-  frac = validation_fraction or default_validation_fraction(name)
+  frac = (default_validation_fraction(name) if validation_fraction is None
+          else validation_fraction)
   source = resolve_source(name, data_dir=data_dir)
 
   if source.kind == "digits":

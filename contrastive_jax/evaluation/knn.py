@@ -85,17 +85,24 @@ def _check_temperature(temperature) -> float:
 
 
 def _prepare(query, reference, reference_labels, k_max, num_classes,
-             chunk_size):
+             chunk_size, exclude_self=False):
   query, reference = prepare_query_reference(query, reference)
   reference_labels = check_labels("reference_labels", reference_labels,
                                   reference.shape[0])
+  if exclude_self:
+    if query.shape[0] != reference.shape[0]:
+      raise ValueError(
+          "exclude_self needs the queries to be the references (query i is"
+          f" reference i), got shapes {query.shape} and {reference.shape}.")
+    k_max += 1  # the query's own row is one of the M candidates
   if num_classes is None:
     num_classes = int(reference_labels.max()) + 1
   num_classes = check_positive_int("num_classes", num_classes)
   check_class_range("reference_labels", reference_labels, num_classes)
   if k_max > reference.shape[0]:
     raise ValueError(
-        f"k={k_max} exceeds the number of references ({reference.shape[0]}).")
+        f"k={k_max - exclude_self} exceeds the number of references"
+        f" ({reference.shape[0]}{' less the query itself' if exclude_self else ''}).")
   chunk_size = min(check_positive_int("chunk_size", chunk_size),
                    query.shape[0])
   return query, reference, reference_labels, num_classes, chunk_size
@@ -105,9 +112,17 @@ def _prepare(query, reference, reference_labels, k_max, num_classes,
 # Jitted chunk kernels.
 
 
-def _topk_votes(query, reference, reference_labels, k):
-  """Top-``k`` cosine similarities of a chunk, their labels."""
+def _topk_votes(query, reference, reference_labels, k, self_offset=None):
+  """Top-``k`` cosine similarities of a chunk, their labels.
+
+  With ``self_offset``, query ``i`` of the chunk is reference
+  ``self_offset + i`` and does not vote for itself.
+  """
   sims = similarity.pairwise_cosine_similarity(query, reference)
+  if self_offset is not None:
+    own = (self_offset + jnp.arange(query.shape[0]))[:, None]
+    sims = jnp.where(jnp.arange(reference.shape[0])[None, :] == own,
+                     -jnp.inf, sims)
   values, indices = jax.lax.top_k(sims, k)
   return values, reference_labels[indices]
 
@@ -125,17 +140,19 @@ def _scores(values, labels, k, temperature, num_classes):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
-def _scores_kernel(query, reference, reference_labels, temperature, *, k,
-                   num_classes):
-  values, labels = _topk_votes(query, reference, reference_labels, k)
+def _scores_kernel(query, reference, reference_labels, temperature,
+                   self_offset, *, k, num_classes):
+  values, labels = _topk_votes(query, reference, reference_labels, k,
+                               self_offset)
   return _scores(values, labels, k, temperature, num_classes)
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "num_classes"))
 def _accuracy_kernel(query, query_labels, reference, reference_labels,
-                     temperature, *, ks, num_classes):
+                     temperature, self_offset, *, ks, num_classes):
   """Per-query top-1 and top-5 hits ``[len(ks), 2, B]`` from one top_k."""
-  values, labels = _topk_votes(query, reference, reference_labels, max(ks))
+  values, labels = _topk_votes(query, reference, reference_labels, max(ks),
+                               self_offset)
   hits = []
   for k in ks:
     scores = _scores(values, labels, k, temperature, num_classes)
@@ -160,6 +177,7 @@ def knn_class_scores(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    exclude_self: bool = False,
 ) -> np.ndarray:
   """Weighted-kNN class scores: summed ``exp(cos / T)`` of the top-``k`` votes.
 
@@ -172,6 +190,8 @@ def knn_class_scores(
     num_classes: number of classes ``C``; default ``max(reference_labels)+1``.
     chunk_size: queries per chunk; peak memory is about
       ``chunk_size * M * 4`` bytes on top of the inputs.
+    exclude_self: leave-one-out: the queries are the references (query
+      ``i`` is reference ``i``) and none votes for itself; ``k <= M - 1``.
 
   Returns:
     ``[Q, C]`` float32 NumPy array of class scores (zero for classes without
@@ -191,12 +211,13 @@ def knn_class_scores(
   temperature = _check_temperature(temperature)
   query, reference, reference_labels, num_classes, chunk_size = _prepare(
       query_embeddings, reference_embeddings, reference_labels, k,
-      num_classes, chunk_size)
+      num_classes, chunk_size, exclude_self)
   reference = jax.device_put(reference)
   reference_labels = jax.device_put(reference_labels.astype(np.int32))
   outputs = []
-  for _, valid, chunk in iter_chunks(query, chunk_size):
+  for start, valid, chunk in iter_chunks(query, chunk_size):
     out = _scores_kernel(chunk, reference, reference_labels, temperature,
+                         np.int32(start) if exclude_self else None,
                          k=k, num_classes=num_classes)
     outputs.append((valid, out))
   return np.concatenate(
@@ -212,6 +233,7 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    exclude_self: bool = False,
 ) -> np.ndarray:
   """Weighted-kNN predicted labels: argmax of :func:`knn_class_scores`.
 
@@ -223,6 +245,8 @@ def knn_classify(
     temperature: ``T > 0`` of the vote weights ``exp(s / T)``.
     num_classes: number of classes; default ``max(reference_labels) + 1``.
     chunk_size: queries per chunk.
+    exclude_self: leave-one-out: the queries are the references (query
+      ``i`` is reference ``i``) and none votes for itself; ``k <= M - 1``.
 
   Returns:
     ``[Q]`` int64 NumPy array of predicted class ids (ties: lower id).
@@ -232,7 +256,8 @@ def knn_classify(
   """
   scores = knn_class_scores(
       query_embeddings, reference_embeddings, reference_labels, k=k,
-      temperature=temperature, num_classes=num_classes, chunk_size=chunk_size)
+      temperature=temperature, num_classes=num_classes, chunk_size=chunk_size,
+      exclude_self=exclude_self)
   return np.argmax(scores, axis=1).astype(np.int64)
 
 
@@ -246,6 +271,7 @@ def knn_accuracy(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    exclude_self: bool = False,
 ) -> dict[str, float]:
   """Weighted-kNN top-1 and top-5 accuracy for several ``k`` at once.
 
@@ -264,6 +290,8 @@ def knn_accuracy(
     num_classes: number of classes ``C``; default
       ``max(reference_labels, query_labels) + 1``.
     chunk_size: queries per chunk.
+    exclude_self: leave-one-out: the queries are the references (query
+      ``i`` is reference ``i``) and none votes for itself; ``k <= M - 1``.
 
   Returns:
     ``{"top1_k20": float, "top5_k20": float, "top1_k200": ..., ...}``:
@@ -287,7 +315,7 @@ def knn_accuracy(
                           query_labels_np.max(initial=0))) + 1
   query, reference, reference_labels, num_classes, chunk_size = _prepare(
       query_embeddings, reference_embeddings, reference_labels, max(ks),
-      num_classes, chunk_size)
+      num_classes, chunk_size, exclude_self)
   query_labels_np = check_labels("query_labels", query_labels_np,
                                  query.shape[0])
   check_class_range("query_labels", query_labels_np, num_classes)
@@ -300,6 +328,7 @@ def knn_accuracy(
   for start, valid, chunk in iter_chunks(query, chunk_size):
     out = _accuracy_kernel(chunk, labels_padded[start:start + chunk_size],
                            reference, reference_labels, temperature,
+                           np.int32(start) if exclude_self else None,
                            ks=ks, num_classes=num_classes)
     outputs.append((valid, out))
   counts = sum(np.asarray(out)[:, :, :valid].sum(axis=-1, dtype=np.int64)

@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/autoencoder_cifar10.py \
         --workdir=/tmp/autoencoder_cifar10
-    python -m experiments.train --config=experiments/configs/autoencoder_cifar10.py:runlocal
+    python -m experiments.train --config=experiments/configs/autoencoder_cifar10.py:runlocal \
+        --workdir=/tmp/autoencoder_cifar10_runlocal --config.data_dir=../shared/data
 
 ``ConvAutoencoder(features=(32, 64), embedding_dim=128)``: strided convolutions
 to 8x8x64, a 128-d bottleneck, transposed convolutions back; mean squared

@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/hashing_cifar10.py \
         --workdir=/tmp/hashing_cifar10
-    python -m experiments.train --config=experiments/configs/hashing_cifar10.py:runlocal
+    python -m experiments.train --config=experiments/configs/hashing_cifar10.py:runlocal \
+        --workdir=/tmp/hashing_cifar10_runlocal --config.data_dir=../shared/data
 
 ResNet-18 features -> ``HashHead(64)``: ``tanh(scale z)`` during training with
 HashNet's continuation ``scale = (1 + 0.005 step)^0.5``, ``sign(z)`` at test.

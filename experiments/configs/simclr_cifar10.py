@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/simclr_cifar10.py \
         --workdir=/tmp/simclr_cifar10 [--config.data_dir=DIR] [--config.model.dtype=bfloat16]
-    python -m experiments.train --config=experiments/configs/simclr_cifar10.py:runlocal
+    python -m experiments.train --config=experiments/configs/simclr_cifar10.py:runlocal \
+        --workdir=/tmp/simclr_cifar10_runlocal --config.data_dir=../shared/data
 
 ResNet-18 (CIFAR stem), 2-layer BatchNorm projection 2048 -> 128, NT-Xent at
 temperature 0.2 with global (all-device) negatives and synchronised BN, LARS

@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/supcon_cifar10.py \
         --workdir=/tmp/supcon_cifar10
-    python -m experiments.train --config=experiments/configs/supcon_cifar10.py:runlocal
+    python -m experiments.train --config=experiments/configs/supcon_cifar10.py:runlocal \
+        --workdir=/tmp/supcon_cifar10_runlocal --config.data_dir=../shared/data
 
 ResNet-18 (CIFAR stem), projection 2048 -> 128, two SimCLR views, SupCon
 (L_out) at temperature 0.1 over the global batch, LARS lr 0.5 x batch/256,

@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py \
         --workdir=/tmp/triplet_ce_cifar10
-    python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py:runlocal
+    python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py:runlocal \
+        --workdir=/tmp/triplet_ce_cifar10_runlocal --config.data_dir=../shared/data
 
 The documents' small CNN (two 3x3 convolutions, 64 and 128 channels, with the
 missing 2x2 pooling added) gives a 128-d embedding. The loss is the batch-hard
