@@ -223,6 +223,96 @@ def test_fast_cnn_whitening_layer_is_a_fixed_statistic():
     assert np.all(np.isfinite(zeros["batch_stats"]["whiten_kernel"]))
 
 
+AIRBENCH96 = dict(widths=(8, 16, 16), stem_width=0, whiten_size=2, whiten_padding="VALID",
+                  convs_per_group=3, norm_scale=False, norm_epsilon=1e-12, torch_init=True)
+
+
+def test_fast_cnn_airbench96_layout():
+    """Three convolutions per group, BatchNorm biases only, airbench's sizes."""
+    model = FastCNN(**AIRBENCH96)
+    x = _images((4, 32, 32, 3))
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(x)
+    params = variables["params"]
+    assert set(params["group1_norm3"]) == {"bias"}  # no trained scale
+    # whitening bias; per group 3 convs (3x3, no bias) and 3 BN biases.
+    widths, c_in, expected = (8, 16, 16), 24, 24
+    for w in widths:
+        expected += 9 * (c_in * w + 2 * w * w) + 3 * w
+        c_in = w
+    assert _num_params(variables) == expected
+    out = model.apply(variables, x)
+    assert out.shape == (4, 16)
+    # "VALID" whitening then floor pooling (32 -> 31 -> 15 -> 7 -> 3): the
+    # last input row and column reach only a dropped row / column.
+    y = x.at[:, 31, :, :].set(5.0).at[:, :, 31, :].set(-5.0)
+    np.testing.assert_allclose(model.apply(variables, y), out, rtol=1e-6)
+    _, inter = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    sizes = [inter["intermediates"][f"group{i}_conv1"]["__call__"][0].shape[1:3]
+             for i in range(3)]
+    assert sizes == [(31, 31), (15, 15), (7, 7)]
+    # The default ("SAME") layout does see the last row.
+    same = FastCNN(**dict(AIRBENCH96, whiten_padding="SAME"))
+    v2 = jax.jit(lambda x: same.init(jax.random.key(0), x))(x)
+    assert not np.allclose(same.apply(v2, y), same.apply(v2, x))
+
+
+def test_fast_cnn_airbench96_residual_pair():
+    """conv1 -> pool -> BN -> GELU = x0; GELU(BN(conv3(GELU(BN(conv2(x0))))) + x0)."""
+    model = FastCNN(**dict(AIRBENCH96, widths=(4, 4, 4), whiten_size=0))
+    x = _images((3, 8, 8, 4))
+    variables = jax.jit(lambda x: model.init(jax.random.key(1), x))(x)
+    p = variables["params"]
+
+    def conv(h, name):
+        return jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def bn(h, name):  # train mode: batch statistics, scale 1
+        m, v = h.mean((0, 1, 2)), h.var((0, 1, 2))
+        return (h - m) / jnp.sqrt(v + 1e-12) + p[name]["bias"]
+
+    h = x
+    for i in range(3):
+        h = conv(h, f"group{i}_conv1")
+        b, hh, ww, c = h.shape
+        h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).max((2, 4))
+        x0 = jax.nn.gelu(bn(h, f"group{i}_norm1"))
+        h = jax.nn.gelu(bn(conv(x0, f"group{i}_conv2"), f"group{i}_norm2"))
+        h = jax.nn.gelu(bn(conv(h, f"group{i}_conv3"), f"group{i}_norm3") + x0)
+    want = h.max((1, 2))
+    got, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_torch_dirac_init():
+    from contrastive_jax.models import cnn
+    w = np.asarray(cnn.torch_dirac_init(jax.random.key(0), (3, 3, 5, 12)))
+    ident = np.zeros((3, 3, 5, 5))
+    ident[1, 1, np.arange(5), np.arange(5)] = 1.0
+    np.testing.assert_array_equal(w[..., :5], ident)  # filter i copies channel i
+    rest = w[..., 5:]
+    bound = 1.0 / np.sqrt(9 * 5)  # PyTorch: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert np.all(np.abs(rest) <= bound) and np.abs(rest).max() > 0.8 * bound
+    assert abs(rest.std() - bound / np.sqrt(3)) < 0.15 * bound
+
+
+def test_classifier_head_scale_and_bias_options():
+    head = ClassifierHead(num_classes=3, use_bias=False, logit_scale=1 / 9, torch_init=True)
+    x = _images((2, 6))
+    variables = head.init(jax.random.key(0), x)
+    assert set(variables["params"]["logits"]) == {"kernel"}
+    kernel = variables["params"]["logits"]["kernel"]
+    assert np.all(np.abs(kernel) <= 1 / np.sqrt(6))
+    np.testing.assert_allclose(head.apply(variables, x), (x @ kernel) / 9, rtol=1e-6)
+
+
+def test_fast_cnn_bad_options():
+    with pytest.raises(ValueError, match="convs_per_group"):
+        _shapes(FastCNN(widths=(4, 4, 4), convs_per_group=4), CIFAR)
+    with pytest.raises(ValueError, match="whiten_padding"):
+        _shapes(FastCNN(widths=(4, 4, 4), whiten_padding="FULL"), CIFAR)
+
+
 @pytest.mark.parametrize("cls,dim", [(ResNet18, 512), (ResNet34, 512), (ResNet50, 2048)])
 def test_resnet_output_shapes(cls, dim):
     assert cls().feature_dim == dim

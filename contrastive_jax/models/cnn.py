@@ -68,12 +68,40 @@ class SmallCNN(nn.Module):
                         name="embedding")(x)
 
 
-def _max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2/2 max-pool ("SAME" padding); a reshape-max where the size is even.
+def torch_uniform_init(key, shape, dtype=jnp.float32):
+    """PyTorch's default ``Conv2d`` / ``Linear`` weight init, for HWIO / IO kernels.
 
-    The reshape form's gradient is an elementwise select, about 2.5x faster on
-    XLA:CPU than the select-and-scatter of ``nn.max_pool``'s gradient.
+    ``kaiming_uniform_(a=sqrt(5))`` is uniform on ``[-b, b]`` with
+    ``b = 1 / sqrt(fan_in)``.
     """
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")(key, shape, dtype)
+
+
+def torch_dirac_init(key, shape, dtype=jnp.float32):
+    """:func:`torch_uniform_init`, then the first ``C_in`` filters set to the identity.
+
+    airbench's ``dirac_(w[:C_in])``: output channel ``i < C_in`` of a fresh
+    convolution copies input channel ``i`` (centre tap 1, all else 0), so
+    each block starts close to passing its input through.
+    """
+    w = torch_uniform_init(key, shape, dtype)
+    kh, kw, cin, cout = shape
+    n = min(cin, cout)
+    idx = jnp.arange(n)
+    w = w.at[..., :n].set(0)
+    return w.at[kh // 2, kw // 2, idx, idx].set(1)
+
+
+def _max_pool_2x2(x: jax.Array, padding: str = "SAME") -> jax.Array:
+    """2x2/2 max-pool; a reshape-max where the size is even.
+
+    ``"SAME"`` rounds odd sizes up (pads); ``"VALID"`` rounds them down (drops
+    the last row / column), as PyTorch's ``MaxPool2d(2)``. The reshape form's
+    gradient is an elementwise select, about 2.5x faster on XLA:CPU than the
+    select-and-scatter of ``nn.max_pool``'s gradient.
+    """
+    if padding == "VALID":
+        x = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2]
     b, h, w, c = x.shape
     if h % 2 or w % 2:
         return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
@@ -145,8 +173,19 @@ class FastCNN(nn.Module):
     of real, normalised training images (``training.loop.build`` passes the
     first 1,024). The kernel is kept in the ``batch_stats`` collection: it is
     a statistic of the data, checkpointed and averaged with the BatchNorm
-    statistics and never touched by the optimizer. airbench's frozen BN
-    scales and lookahead are left out.
+    statistics and never touched by the optimizer.
+
+    airbench96's network is ``FastCNN(widths=(128, 512, 512), stem_width=0,
+    whiten_size=2, whiten_padding="VALID", convs_per_group=3,
+    norm_scale=False, norm_epsilon=1e-12, torch_init=True)``: a third
+    convolution per group, with a residual around the last two (``conv1 ->
+    pool -> BN -> GELU`` gives ``x0``; then ``conv2 -> BN -> GELU -> conv3 ->
+    BN``, plus ``x0``, then GELU), BatchNorm with its scale fixed at 1, and
+    PyTorch's initialisation (below). With ``"VALID"`` whitening a 32x32 image
+    goes 31 -> 15 -> 7 -> 3 (``"VALID"`` also makes the 2x2 pools round down,
+    as PyTorch's), so the final global max-pool is airbench's
+    ``MaxPool2d(3)``. Its lookahead and per-group learning rates live in the
+    optimizer and train step (``experiments/configs/cifar10_gpu.py:airbench``).
 
     Attributes:
         widths: channels of the three groups (airbench94: 64, 256, 256).
@@ -154,6 +193,15 @@ class FastCNN(nn.Module):
         whiten_size: patch side of the whitening layer (0: none); it has
             ``2 k^2 C`` output channels (24 for 2x2 RGB patches, as airbench).
         whiten_eps: ``eps`` of ``patch_whitening_kernel``.
+        whiten_padding: ``"SAME"`` (sizes stay even) or ``"VALID"`` (airbench;
+            the pools then round odd sizes down).
+        convs_per_group: 2, or 3 for airbench96's residual pair.
+        norm_scale: train the BatchNorm scales (airbench fixes them at 1).
+        norm_epsilon: BatchNorm ``epsilon``.
+        torch_init: PyTorch's default convolution init (uniform with bound
+            ``1 / sqrt(fan_in)``, a third of flax's variance), with the first
+            ``C_in`` filters of each convolution set to the identity (Dirac),
+            as airbench does; otherwise flax's LeCun normal.
         bn_momentum: BatchNorm running-average momentum (flax convention).
         axis_name: mapped axis over which BatchNorm statistics are averaged.
         dtype: computation dtype.
@@ -170,6 +218,11 @@ class FastCNN(nn.Module):
     stem_width: int = 32
     whiten_size: int = 0
     whiten_eps: float = 5e-4
+    whiten_padding: str = "SAME"
+    convs_per_group: int = 2
+    norm_scale: bool = True
+    norm_epsilon: float = 1e-5
+    torch_init: bool = False
     bn_momentum: float = 0.9
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
@@ -177,11 +230,18 @@ class FastCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.convs_per_group not in (2, 3):
+            raise ValueError(f"convs_per_group must be 2 or 3, got {self.convs_per_group}.")
+        if self.whiten_padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"whiten_padding must be 'SAME' or 'VALID', got {self.whiten_padding!r}.")
+        init = {"kernel_init": torch_dirac_init} if self.torch_init else {}
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
                                  conv_general_dilated=conv_general_dilated,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+                                 dtype=self.dtype, param_dtype=self.param_dtype, **init)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=self.bn_momentum, epsilon=1e-5,
+                                 momentum=self.bn_momentum, epsilon=self.norm_epsilon,
+                                 use_scale=self.norm_scale,
                                  axis_name=self.axis_name, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
         if self.whiten_size:
@@ -194,15 +254,22 @@ class FastCNN(nn.Module):
                               self.param_dtype)
             # No gradient reaches the kernel or the images: the plain convolution.
             x = jax.lax.conv_general_dilated(
-                jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), (1, 1), "SAME",
+                jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), (1, 1),
+                self.whiten_padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
             x = nn.gelu(x + jnp.asarray(bias, self.dtype))
         x = jnp.asarray(x, self.dtype)
         if self.stem_width:
             x = nn.gelu(norm(name="stem_norm")(conv(self.stem_width, name="stem")(x)))
         for i, width in enumerate(self.widths):
-            x = _max_pool_2x2(conv(width, name=f"group{i}_conv1")(x))
+            x = _max_pool_2x2(conv(width, name=f"group{i}_conv1")(x), self.whiten_padding)
             x = nn.gelu(norm(name=f"group{i}_norm1")(x))
+            x0 = x
             x = conv(width, name=f"group{i}_conv2")(x)
-            x = nn.gelu(norm(name=f"group{i}_norm2")(x))
+            x = norm(name=f"group{i}_norm2")(x)
+            if self.convs_per_group == 3:
+                x = nn.gelu(x)
+                x = conv(width, name=f"group{i}_conv3")(x)
+                x = norm(name=f"group{i}_norm3")(x) + x0
+            x = nn.gelu(x)
         return jnp.max(x, axis=(1, 2))

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.models.cnn import torch_uniform_init
+
 Dtype = Any
 
 
@@ -70,6 +72,11 @@ class ClassifierHead(nn.Module):
 
     Attributes:
         num_classes: number of output logits.
+        use_bias: add a bias.
+        logit_scale: a constant multiplying the logits (airbench: 1/9, which
+            with label smoothing slows the last layer's saturation).
+        torch_init: PyTorch's default ``Linear`` init (uniform with bound
+            ``1 / sqrt(fan_in)``) instead of flax's LeCun normal.
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -77,6 +84,9 @@ class ClassifierHead(nn.Module):
     """
 
     num_classes: int
+    use_bias: bool = True
+    logit_scale: float = 1.0
+    torch_init: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -84,8 +94,13 @@ class ClassifierHead(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         # No train-dependent behaviour; the argument keeps call sites uniform.
         del train
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="logits")(jnp.asarray(x, self.dtype))
+        init = {"kernel_init": torch_uniform_init} if self.torch_init else {}
+        logits = nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="logits",
+                          **init)(jnp.asarray(x, self.dtype))
+        if self.logit_scale != 1.0:
+            logits = logits * jnp.asarray(self.logit_scale, self.dtype)
+        return logits
 
 
 class HashHead(nn.Module):

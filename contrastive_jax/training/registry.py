@@ -172,7 +172,8 @@ def build_model(model_config, *, num_classes: int,
     projection = models.ProjectionHead(
         hidden_dim=mc.projection_hidden_dim, output_dim=mc.projection_dim,
         num_layers=mc.projection_layers, axis_name=axis_name, dtype=dtype)
-  classifier = (models.ClassifierHead(num_classes, dtype=dtype)
+  classifier = (models.ClassifierHead(
+      num_classes, dtype=dtype, **_plain(mc.get("classifier_kwargs", {}) or {}))
                 if mc.get("classifier", False) else None)
   hash_head = (models.HashHead(mc.hash_bits, dtype=dtype)
                if mc.get("hash_bits", 0) else None)

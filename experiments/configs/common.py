@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
       projection_hidden_dim=2048,
       projection_layers=2,
       classifier=False,    # classifier head trained with cross-entropy
+      classifier_kwargs=ml_collections.ConfigDict(),  # ClassifierHead options (use_bias, logit_scale, ...)
       hash_bits=0,         # > 0: hash head of that many bits
       hash_scale=ml_collections.ConfigDict(dict(growth=0.005, power=0.5)),
       online_probe=True,   # linear probe on detached features
