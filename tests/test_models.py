@@ -327,14 +327,25 @@ def test_resnet_on_digits():
     assert variables["params"]["stem_conv"]["kernel"].shape == (3, 3, 1, 64)
 
 
-@pytest.mark.parametrize("cls,low,high", [
-    (ResNet18, 11.1e6, 11.25e6),  # 11,168,832
-    (ResNet34, 21.2e6, 21.35e6),  # 21,276,992
-    (ResNet50, 23.4e6, 23.6e6),  # 23,500,352
+@pytest.mark.parametrize("cls,count", [
+    # torchvision's 11,689,512 / 21,797,672 / 25,557,032 less the ImageNet
+    # stem's 7x7 conv (+ the CIFAR 3x3) and the 1000-way FC: exact, so a
+    # missing BatchNorm (ResNet-18 has 9,600 BN parameters) cannot pass.
+    (ResNet18, 11_168_832),
+    (ResNet34, 21_276_992),
+    (ResNet50, 23_500_352),
 ])
-def test_resnet_param_counts(cls, low, high):
+def test_resnet_param_counts(cls, count):
     variables, _ = _resnet_shapes(cls, CIFAR)
-    assert low <= _num_params(variables) <= high
+    assert _num_params(variables) == count
+
+
+@pytest.mark.parametrize("model", [ResNet18(), FastCNN(widths=(4, 4, 4)), SmallCNN(),
+                                   MLP.small(output_dim=4)])
+def test_unbatched_input_is_refused(model):
+    shape = (64,) if isinstance(model, MLP) else (32, 32, 3)
+    with pytest.raises(ValueError, match=r"expects \(batch.*\(" + str(shape[0])):
+        _shapes(model, shape)
 
 
 def test_resnet_imagenet_stem_shapes():
@@ -373,6 +384,15 @@ def test_zero_init_residual():
     params = jax.jit(block.init)(key, jnp.ones((1, 4, 4, 2)))["params"]
     np.testing.assert_array_equal(params["norm2"]["scale"], 0.0)
     np.testing.assert_array_equal(params["norm1"]["scale"], 1.0)
+    # Bottleneck: its last BN (norm3) starts at 0; the projection shortcut's does not.
+    block = Bottleneck(features=2, strides=2, zero_init_residual=True)
+    params = jax.jit(block.init)(key, jnp.ones((1, 4, 4, 3)))["params"]
+    np.testing.assert_array_equal(params["norm3"]["scale"], 0.0)
+    np.testing.assert_array_equal(params["norm2"]["scale"], 1.0)
+    shortcut_norms = [k for k in params if "norm" in k and k not in ("norm1", "norm2", "norm3")]
+    assert shortcut_norms
+    for k in shortcut_norms:
+        np.testing.assert_array_equal(params[k]["scale"], 1.0)
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -661,16 +681,32 @@ def test_autoencoder_rejects_indivisible_shape():
 
 
 def test_varying_axes_reads_every_known_form(monkeypatch):
-    from contrastive_jax.models import norm  # pylint: disable=g-import-not-at-top
+    from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+    from contrastive_jax.models import _varying  # pylint: disable=g-import-not-at-top
 
     class Printed:  # a type known only by its printed form
         def __str__(self):
             return "float32[8,5]{V:data,model}"
 
-    class Named:
-        vma = frozenset({"data"})
+    parts = SimpleNamespace(varying=frozenset({"data"}))
+    monkeypatch.setattr(_varying.jax, "typeof", lambda x: x)
+    assert _varying.varying_axes(Printed()) == {"data", "model"}
+    assert _varying.varying_axes(SimpleNamespace(vma=frozenset({"data"}))) == {"data"}
+    assert _varying.varying_axes(SimpleNamespace(mat=parts)) == {"data"}
+    assert _varying.varying_axes(SimpleNamespace(manual_axis_type=parts)) == {"data"}
+    assert _varying.varying_axes("float32[8,5]") == frozenset()
 
-    monkeypatch.setattr(norm.jax, "typeof", lambda x: x)
-    assert norm._varying_axes(Printed()) == {"data", "model"}
-    assert norm._varying_axes(Named()) == {"data"}
-    assert norm._varying_axes("float32[8,5]") == frozenset()
+
+def test_registry_reads_block_cls_by_name():
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from contrastive_jax.training import registry  # pylint: disable=g-import-not-at-top
+    mc = ml_collections.ConfigDict(dict(
+        backbone="resnet", backbone_kwargs=dict(stage_sizes=[1, 1], num_filters=4,
+                                                block_cls="bottleneck"),
+        projection_dim=0, classifier=False, hash_bits=0, online_probe=False,
+        dtype="float32"))
+    model = registry.build_model(mc, num_classes=10, image_shape=(8, 8, 3))
+    assert model.backbone.block_cls is Bottleneck
+    mc.backbone_kwargs.block_cls = "wide"
+    with pytest.raises(ValueError, match="block_cls must be one of.*'wide'"):
+        registry.build_model(mc, num_classes=10, image_shape=(8, 8, 3))

@@ -52,6 +52,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         # No BatchNorm here; `train` only keeps the call signature uniform.
         del train
+        check_image_batch("SmallCNN", x)
         if self.pooling not in ("flatten", "global"):
             raise ValueError(f"pooling must be 'flatten' or 'global', got {self.pooling!r}")
         x = jnp.asarray(x, self.dtype)
@@ -66,6 +67,14 @@ class SmallCNN(nn.Module):
             x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.embedding_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="embedding")(x)
+
+
+def check_image_batch(model: str, x) -> None:
+    """Refuses anything but ``(batch, H, W, C)``: flax would read one unbatched
+    image as a batch of rows, and the model would return a wrong shape."""
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"{model} expects (batch, height, width, channels) images,"
+                         f" got shape {jnp.shape(x)}.")
 
 
 def torch_uniform_init(key, shape, dtype=jnp.float32):
@@ -230,6 +239,7 @@ class FastCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_image_batch("FastCNN", x)
         if self.convs_per_group not in (2, 3):
             raise ValueError(f"convs_per_group must be 2 or 3, got {self.convs_per_group}.")
         if self.whiten_padding not in ("SAME", "VALID"):

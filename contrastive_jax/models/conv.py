@@ -12,6 +12,10 @@ compiles for the device (``lax.platform_dependent``), not by Python.
 Pass it to flax: ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``.
 Only stride-1, undilated, ungrouped NHWC/HWIO convolutions take the custom
 gradient; every other call goes straight to ``lax.conv_general_dilated``.
+The custom gradient is a ``jax.custom_vjp``, so those convolutions support
+reverse mode only (``grad``, ``vjp``, Hessian-vector products by
+reverse-over-reverse), not ``jvp`` / ``jacfwd`` / ``jax.hessian``; a model
+that needs forward mode should use ``lax.conv_general_dilated``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from contrastive_jax.models._varying import varying_axes
 
 __all__ = ["conv_general_dilated"]
 
@@ -47,11 +53,13 @@ def _shifted_kernel_grad(x, dy, *, kernel_hw, pads):
   _, ho, wo, co = dy.shape
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   d = dy.reshape(-1, co)
+  # At least float32 (bfloat16 sums lose the gradient), float64 kept.
+  acc = jnp.promote_types(jnp.promote_types(x.dtype, dy.dtype), jnp.float32)
   rows = []
   for i in range(kh):
     for j in range(kw):
       window = xp[:, i:i + ho, j:j + wo, :].reshape(-1, x.shape[-1])
-      rows.append(jnp.matmul(window.T, d, preferred_element_type=jnp.float32))
+      rows.append(jnp.matmul(window.T, d, preferred_element_type=acc))
   return jnp.stack(rows).reshape(kh, kw, x.shape[-1], co)
 
 
@@ -128,14 +136,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   return _conv(lhs, rhs, pads, precision)
 
 
-def _varying_axes(x) -> set:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)  # jax >= 0.9; older releases: aval.vma
-  return set(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
 def _match_varying(x, w):
-  vx, vw = _varying_axes(x), _varying_axes(w)
+  vx, vw = varying_axes(x), varying_axes(w)
   if vx - vw:
     w = lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
   if vw - vx:

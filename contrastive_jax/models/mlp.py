@@ -49,6 +49,8 @@ class MLP(nn.Module):
         # `train` is accepted (and unused) so the training loop can call every
         # encoder in this package the same way.
         del train
+        if jnp.ndim(x) < 2:
+            raise ValueError(f"MLP expects (batch, features...) inputs, got shape {jnp.shape(x)}.")
         if self.flatten_input:
             x = x.reshape((x.shape[0], -1))
         x = jnp.asarray(x, self.dtype)

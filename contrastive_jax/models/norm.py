@@ -27,13 +27,14 @@ checkpoints load either way (``tests/test_models.py``).
 from __future__ import annotations
 
 import functools
-import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 from jax import lax
+
+from contrastive_jax.models._varying import varying_axes
 
 __all__ = ["BACKWARDS", "BatchNormAct", "batch_norm_act"]
 
@@ -88,23 +89,6 @@ def _batch_norm_act_fwd(x, scale, bias, residual, epsilon, axis_name, relu, dtyp
   return (out, mean, var), (x, out, mean, rstd, scale, bias, residual, count)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-  """The mesh axes along which ``x`` varies inside ``shard_map`` (empty elsewhere).
-
-  JAX has renamed this type attribute between releases (``aval.vma``;
-  ``aval.manual_axis_type.varying`` in 0.10); the last resort reads the
-  type's printed form, ``float32[8,5]{V:data}``.
-  """
-  aval = jax.typeof(x)
-  if hasattr(aval, "vma"):
-    return frozenset(aval.vma)
-  manual = getattr(aval, "manual_axis_type", None)
-  if manual is not None and hasattr(manual, "varying"):
-    return frozenset(manual.varying)
-  found = re.search(r"\{V:([^}]*)\}", str(aval))
-  return frozenset(a.strip() for a in found.group(1).split(",")) if found else frozenset()
-
-
 def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   """Sums ``cotangent`` over the axes along which it varies and ``primal`` does not.
 
@@ -112,7 +96,7 @@ def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   shard's contribution, as autodiff makes it; under ``vmap`` or ``pmap``
   nothing is summed here.
   """
-  extra = _varying_axes(cotangent) - _varying_axes(primal)
+  extra = varying_axes(cotangent) - varying_axes(primal)
   return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 

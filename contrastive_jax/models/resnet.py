@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.models.cnn import check_image_batch
 from contrastive_jax.models.conv import conv_general_dilated
 from contrastive_jax.models.norm import batch_norm_act
 
@@ -179,6 +180,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_image_batch("ResNet", x)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
                                  conv_general_dilated=conv_general_dilated,

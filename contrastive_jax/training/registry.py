@@ -71,7 +71,11 @@ def parse_dtype(name: str):
 
 
 def get_loss(name: str) -> tuple[Callable[..., jax.Array], bool]:
-  """``(loss_fn, paired)`` for a config loss name (``""``: no metric loss)."""
+  """``(loss_fn, paired)`` for a config loss name.
+
+  (A config's empty ``loss.name`` means "no metric loss"; the train step
+  checks for it before calling this.)
+  """
   # Accept the public function names too ("nt_xent_loss").
   key = name[:-len("_loss")] if name.endswith("_loss") else name
   if key in IN_BATCH_LOSSES:
@@ -166,6 +170,12 @@ def build_model(model_config, *, num_classes: int,
     common["image_shape"] = tuple(image_shape)
   if mc.backbone == "resnet" and "stage_sizes" in kwargs:
     kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
+  if isinstance(kwargs.get("block_cls"), str):  # what a config override gives
+    blocks = {"basic": models.BasicBlock, "bottleneck": models.Bottleneck}
+    if kwargs["block_cls"] not in blocks:
+      raise ValueError(f"backbone_kwargs.block_cls must be one of {sorted(blocks)},"
+                       f" got {kwargs['block_cls']!r}.")
+    kwargs["block_cls"] = blocks[kwargs["block_cls"]]
   backbone = _make(BACKBONES[mc.backbone], kwargs, **common)
   projection = None
   if mc.get("projection_dim", 0):
