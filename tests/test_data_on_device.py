@@ -341,6 +341,11 @@ def test_balanced_batches():
     next(data.device_batches(d, key=jax.random.key(0), batch_size=12,
                              classes_per_batch=5, examples_per_class=2,
                              num_classes=6))
+  # 7 classes asked of a split that has 6 (of num_classes=8): refused.
+  with pytest.raises(ValueError, match="exceeds the 6 classes present"):
+    next(data.device_batches(d, key=jax.random.key(0), batch_size=14,
+                             classes_per_batch=7, examples_per_class=2,
+                             num_classes=8))
 
 
 def test_eval_batches_cover_split_once():
@@ -364,7 +369,7 @@ def test_batch_size_errors():
 def test_sharded_batches_in_subprocess():
   """Two host CPU devices: data and batches sharded over a "data" axis."""
   code = textwrap.dedent("""
-      import jax, numpy as np
+      import jax, numpy as np, pytest
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from contrastive_jax import data
       mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -380,15 +385,49 @@ def test_sharded_batches_in_subprocess():
         assert b["image"].shape == (8, 2, 8, 8, 3), b["image"].shape
         assert b["image"].sharding.spec[0] == "data"
         l = np.asarray(b["label"])
-        assert np.all(l[:4] < 20) and np.all(l[4:] >= 20)  # own shard only
+        # Shard d holds examples d, d + 2, ... (dealt out in label order).
+        assert np.all(l[:4] % 2 == 0) and np.all(l[4:] % 2 == 1), l
         lab.append(l)
       epoch = np.concatenate(lab)  # 5 steps * 8 = one epoch of 40
       assert sorted(epoch) == list(range(40)), sorted(epoch)
-      pk = data.device_batches(d, key=jax.random.key(0), batch_size=8,
-                               classes_per_batch=4, examples_per_class=2,
-                               num_classes=40)
-      b = next(pk)
-      assert b["label"].shape == (8,)
+
+      # Class-sorted labels (as an image folder lists them), 8 examples of
+      # each of 5 classes; every image holds its example index.
+      labels = np.repeat(np.arange(5), 8)
+      ids = np.arange(40, dtype=np.uint8)[:, None, None, None]
+      d = data.put_on_device(np.broadcast_to(ids, (40, 2, 2, 1)), labels,
+                             sharding=sh)
+      ex = lambda b: np.round(np.asarray(b["image"])[:, 0, 0, 0] * 255
+                              ).astype(int)
+      # Uniform batches: each device sees every class within an epoch.
+      seen = [set(), set()]
+      for b in data.device_batches(d, key=jax.random.key(1), batch_size=8,
+                                   num_steps=5):
+        i = ex(b)
+        np.testing.assert_array_equal(np.asarray(b["label"]), labels[i])
+        for dev in range(2):
+          seen[dev].update(labels[i[4 * dev:4 * dev + 4]].tolist())
+      assert seen == [set(range(5))] * 2, seen
+
+      # P x K over the shards: P distinct classes, K of each, no repeats.
+      pk = dict(key=jax.random.key(0), batch_size=8, classes_per_batch=4,
+                examples_per_class=2, num_classes=5)
+      batches = list(data.device_batches(d, num_steps=8, **pk))
+      for b in batches:
+        i, l = ex(b), np.asarray(b["label"])
+        np.testing.assert_array_equal(l, labels[i])
+        assert len(set(l)) == 4 and set(np.bincount(l)) <= {0, 2}, l
+        assert len(set(i)) == 8, i
+      resumed = next(data.device_batches(d, start_step=5, **pk))
+      np.testing.assert_array_equal(resumed["image"], batches[5]["image"])
+
+      # A class on one shard only: refused, instead of repeating examples.
+      one = np.repeat(np.arange(5), [8, 8, 1, 8, 9])  # 34 -> 2 * 17
+      d = data.put_on_device(np.zeros([34, 2, 2, 1], np.uint8), one,
+                             sharding=sh)
+      with pytest.raises(ValueError, match="every shard must hold") as e:
+        next(data.device_batches(d, **pk))
+      assert "shard 1 of 2 holds no example of classes [2]" in str(e.value)
       print("OK")
       """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",

@@ -221,6 +221,41 @@ def test_class_balanced_batches(folder):
       assert len({x.tobytes() for x in block}) == 4
 
 
+@pytest.fixture(scope="module")
+def eight_classes(tmp_path_factory):
+  """8 classes of 6 random images; ``uneven`` has a class of 1 image."""
+  root = tmp_path_factory.mktemp("eight")
+  classes = tuple(f"c{i}" for i in range(8))
+  sources_tests.make_image_folder(root, name="eight", classes=classes,
+                                  per_class=6, size=4)
+  sources_tests.make_image_folder(root, name="uneven", classes=classes[:4],
+                                  per_class=4, size=4)
+  for f in sorted((root / "uneven" / "train" / "c1").iterdir())[1:]:
+    f.unlink()  # class 1: one image, on process 0's shard only
+  return root
+
+
+def test_class_balanced_batches_over_processes(eight_classes):
+  """The processes' P / 2 classes together are P distinct classes x K."""
+  opts = dict(name="eight", split="train_full", data_dir=eight_classes,
+              global_batch_size=12, classes_per_batch=6, examples_per_class=2,
+              num_devices=2, seed=5, normalize=False)
+  per_process = [_batches(8, process_index=i, process_count=2, **opts)
+                 for i in range(2)]
+  for step, (b0, b1) in enumerate(zip(*per_process)):
+    lab = np.concatenate([b0["label"], b1["label"]])
+    assert len(set(lab)) == 6, (step, lab)  # P distinct classes
+    assert np.all(lab.reshape(6, 2) == lab.reshape(6, 2)[:, :1]), lab  # K each
+    images = [x.tobytes() for x in np.concatenate([b0["image"],
+                                                   b1["image"]])]
+    assert len(set(images)) == 12, step  # no example twice
+  with pytest.raises(ValueError, match=r"process 1 of 2 holds no example of"
+                     r" classes \[1\]"):
+    data.build_tf_dataset(**dict(opts, name="uneven", global_batch_size=4,
+                                 classes_per_batch=2),
+                          process_index=0, process_count=2)
+
+
 def test_multi_process_shards_and_padded_eval(folder):
   root, _ = folder
   opts = dict(name="tiny", split="train_full", data_dir=root, train=False,

@@ -13,11 +13,19 @@ only on ``(key, s)``: resuming at ``start_step`` gives the same batches an
 uninterrupted run would.
 
 Sharding: pass a ``jax.sharding.NamedSharding`` whose spec splits axis 0 over
-a mesh axis (e.g. ``NamedSharding(mesh, P("data"))``). The split is then cut
-into one contiguous shard per device along that axis (the remainder of
-``N / num_shards`` examples is dropped), and batches are drawn under
-``jax.shard_map``: every device permutes and augments its own shard, with no
-cross-device traffic, and the batch comes out sharded the same way.
+a mesh axis (e.g. ``NamedSharding(mesh, P("data"))``). The split is then dealt
+out class by class into one shard per device along that axis (the remainder
+of ``N / num_shards`` examples is dropped): shard ``d`` holds examples ``d,
+d + S, d + 2S, ...`` of the split stably sorted by label, so every shard has
+``floor`` or ``ceil`` of ``1 / S`` of every class, whatever the order of the
+split (image folders are sorted by class: contiguous shards would give each
+device only a few classes). Batches are drawn under ``jax.shard_map``: every
+device permutes and augments its own shard, with no cross-device traffic,
+and the batch comes out sharded the same way. Class-balanced batches draw
+their P classes from the run's key, the same on every shard, and shard ``d``
+takes classes ``[d P / S, (d + 1) P / S)`` of that draw and K examples of
+each from its own shard; so every shard must hold every class (checked
+before the first batch).
 """
 
 from __future__ import annotations
@@ -57,8 +65,11 @@ def put_on_device(images: np.ndarray, labels: np.ndarray, *,
     labels: ``[N]`` integers.
     sharding: None (default device) or a ``NamedSharding`` splitting axis 0.
       With one, ``N`` is cut to a multiple of the shard count (the last
-      ``N % shards`` examples are dropped), and each process places only the
-      slices of its own devices.
+      ``N % shards`` examples are dropped), the examples are dealt out by
+      class (shard ``d`` gets examples ``d, d + S, ...`` of the kept split
+      stably sorted by label; see the module docstring), and each process
+      places only the slices of its own devices. Position ``i`` of the
+      returned arrays then holds example ``stratified_order(labels, S)[i]``.
 
   Returns:
     ``DeviceData``.
@@ -80,13 +91,32 @@ def put_on_device(images: np.ndarray, labels: np.ndarray, *,
   if n == 0:
     raise ValueError(
         f"{images.shape[0]} examples cannot be split over {shards} shards.")
-  images, labels = images[:n], labels[:n]
+  order = stratified_order(labels[:n], shards)
   lab_sharding = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0]))
+
+  def gather(array):  # only the rows of the requested shard are copied
+    return lambda idx: array[(order[idx[0]],) + tuple(idx[1:])]
+
   return DeviceData(
-      jax.make_array_from_callback(images.shape, sharding,
-                                   lambda idx: images[idx]),
-      jax.make_array_from_callback(labels.shape, lab_sharding,
-                                   lambda idx: labels[idx]))
+      jax.make_array_from_callback((n,) + images.shape[1:], sharding,
+                                   gather(images)),
+      jax.make_array_from_callback((n,), lab_sharding, gather(labels)))
+
+
+def stratified_order(labels: np.ndarray, shards: int) -> np.ndarray:
+  """The layout of a sharded split: ``[N]`` indices into ``labels``.
+
+  Shard ``d`` (positions ``[d N / S, (d + 1) N / S)``) holds examples ``d, d +
+  S, d + 2S, ...`` of the split stably sorted by label, so each shard gets
+  ``floor`` or ``ceil`` of ``1 / S`` of every class. ``N`` must be a multiple
+  of ``shards``.
+  """
+  labels = np.asarray(labels)
+  n = labels.shape[0]
+  if n % shards:
+    raise ValueError(f"{n} examples are not a multiple of {shards} shards.")
+  by_class = np.argsort(labels, kind="stable")
+  return by_class.reshape(n // shards, shards).T.reshape(-1)
 
 
 def load_device_data(name: str, split: str, *,
@@ -181,13 +211,40 @@ def balanced_batch_indices(key, step, labels, *, num_classes: int,
     labels: ``[N]`` int labels in ``0..num_classes - 1`` (static N).
     num_classes, classes_per_batch, examples_per_class: C, P, K (static).
   """
+  k_cls, k_ex = _balanced_keys(key, step)
+  counts = _class_counts(labels, num_classes)
+  return _balanced_indices(k_cls, k_ex, labels, counts, counts,
+                           classes_per_batch=classes_per_batch,
+                           examples_per_class=examples_per_class)
+
+
+def _balanced_keys(key, step):
+  """``(class key, example key)`` of class-balanced batch ``step``."""
+  return jax.random.split(
+      jax.random.fold_in(jax.random.fold_in(key, _BALANCED), step))
+
+
+def _class_counts(labels, num_classes: int) -> jax.Array:
+  return jnp.zeros([num_classes], jnp.int32).at[labels].add(1)
+
+
+def _balanced_indices(k_cls, k_ex, labels, counts, present_counts, *,
+                      classes_per_batch: int, examples_per_class: int,
+                      offset=0) -> jax.Array:
+  """``[P * K]`` indices into ``labels`` (see ``balanced_batch_indices``).
+
+  The classes are ``argsort(u)[offset:offset + P]`` of uniforms ``u`` drawn
+  from ``k_cls``, with the classes whose ``present_counts`` is 0 sorted last:
+  shards that share ``k_cls`` and ``present_counts`` but take different
+  ``offset`` slices get disjoint classes. The examples come from ``k_ex`` and
+  this shard's ``labels`` (``counts`` = their class counts).
+  """
   p, k = classes_per_batch, examples_per_class
   n = labels.shape[0]
-  k_cls, k_ex = jax.random.split(
-      jax.random.fold_in(jax.random.fold_in(key, _BALANCED), step))
-  counts = jnp.zeros([num_classes], jnp.int32).at[labels].add(1)
-  u = jnp.where(counts > 0, jax.random.uniform(k_cls, [num_classes]), 2.0)
-  classes = jnp.argsort(u)[:p]
+  num_classes = counts.shape[0]
+  u = jnp.where(present_counts > 0,
+                jax.random.uniform(k_cls, [num_classes]), 2.0)
+  classes = jax.lax.dynamic_slice_in_dim(jnp.argsort(u), offset, p)
   # A random order of all examples, grouped by class: sort by
   # (label, uniform); class c then occupies [start[c], start[c] + count[c]).
   order = jnp.lexsort((jax.random.uniform(k_ex, [n]), labels))
@@ -310,7 +367,12 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
   Batch ``s`` equals ``sample_batch(key, data, s, ...)`` for unsharded data.
   For data placed with a sharding (``put_on_device``), each of the S shards
   yields ``batch_size / S`` examples of its own shard (keys folded with the
-  shard index) and the batch is sharded like the data.
+  shard index) and the batch is sharded like the data. Class-balanced
+  batches then draw the P classes from ``key`` itself, the same on every
+  shard, and shard ``d`` takes classes ``[d P / S, (d + 1) P / S)`` of that
+  draw, so the global batch has P distinct classes; every shard must hold
+  every class present in the data (a ValueError before the first batch
+  otherwise).
 
   Args:
     data: ``DeviceData``.
@@ -349,6 +411,11 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
           f" {shards} shards of the data.")
   n_local = data.labels.shape[0] // shards
   spe = _steps_per_epoch(n_local, local_batch)
+  class_counts = None
+  if balanced:
+    class_counts = _shard_class_counts(data, sharding, axes, shards,
+                                       num_classes)
+    _check_shard_classes(class_counts, classes_per_batch)
 
   if not axes:
     if balanced:
@@ -375,9 +442,10 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
                                                          n_local)
         return batch_fn(key, data, cache["perm"], i, s)
   else:
-    step_fn = _sharded_step_fn(data, key, sharding, axes, local_batch,
-                               balanced, classes_per_batch, examples_per_class,
-                               num_classes, shards, opts)
+    step_fn = _sharded_step_fn(
+        data, key, sharding, axes, local_batch, balanced, classes_per_batch,
+        examples_per_class, num_classes, shards, opts,
+        None if class_counts is None else class_counts.sum(0))
 
   s = start_step
   while num_steps is None or s < start_step + num_steps:
@@ -386,25 +454,89 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
 
 
 def _sharded_step_fn(data, key, sharding, axes, local_batch, balanced, p, k,
-                     num_classes, shards, opts):
+                     num_classes, shards, opts, all_counts):
   mesh = sharding.mesh
   spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
 
   def local(key, images, labels, step):
-    shard = jnp.int32(0)
-    for a in axes:  # row-major index of this shard over the data axes
-      shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
-    key = jax.random.fold_in(key, shard)
-    return sample_batch(
-        key, DeviceData(images, labels), step, batch_size=local_batch,
-        classes_per_batch=p // shards if balanced else None,
-        examples_per_class=k if balanced else None,
-        num_classes=num_classes if balanced else None, **opts)
+    shard = _shard_index(mesh, axes)
+    shard_key = jax.random.fold_in(key, shard)
+    if balanced:
+      # The classes come from the run's key and the class counts of the whole
+      # split (a constant), the same on every shard, so the shards' slices
+      # are disjoint; the examples come from this shard's key.
+      local_p = p // shards
+      idx = _balanced_indices(
+          _balanced_keys(key, step)[0], _balanced_keys(shard_key, step)[1],
+          labels, _class_counts(labels, num_classes), jnp.asarray(all_counts),
+          classes_per_batch=local_p, examples_per_class=k,
+          offset=shard * local_p)
+    else:
+      idx = batch_indices(shard_key, step, num_examples=labels.shape[0],
+                          batch_size=local_batch)
+    return make_batch(shard_key, DeviceData(images, labels), idx, step, **opts)
 
   fn = jax.jit(jax.shard_map(
       local, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, PartitionSpec()),
       out_specs=spec, check_vma=False))
   return lambda s: fn(key, data.images, data.labels, jnp.int32(s))
+
+
+def _shard_index(mesh, axes):
+  """This shard's row-major index over the data ``axes`` (in shard_map)."""
+  shard = jnp.int32(0)
+  for a in axes:
+    shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+  return shard
+
+
+def _shard_class_counts(data: DeviceData, sharding, axes, shards: int,
+                        num_classes: int) -> np.ndarray:
+  """``[shards, num_classes]`` class counts of each shard, on the host.
+
+  Computed on device and replicated, so that every process of a multi-process
+  mesh gets all of them (the labels are not all addressable there).
+  """
+  if not axes:
+    fn = jax.jit(lambda labels: _class_counts(labels, num_classes)[None])
+    return np.asarray(fn(data.labels))
+  mesh = sharding.mesh
+  spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
+
+  def local(labels):
+    table = jnp.zeros([shards, num_classes], jnp.int32)
+    table = table.at[_shard_index(mesh, axes)].set(
+        _class_counts(labels, num_classes))
+    return jax.lax.psum(table, axes)
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,),
+                             out_specs=PartitionSpec(), check_vma=False))
+  return np.asarray(fn(data.labels))
+
+
+def _check_shard_classes(counts: np.ndarray, classes_per_batch: int) -> None:
+  """Refuses a P x K draw that would repeat or substitute examples.
+
+  Every step draws ``classes_per_batch`` classes among those present in the
+  split, and each shard must then give K examples of its share of them; a
+  class absent from a shard (or fewer present classes than P) would
+  silently yield other examples.
+  """
+  present = counts.sum(0) > 0
+  if int(present.sum()) < classes_per_batch:
+    raise ValueError(
+        f"classes_per_batch={classes_per_batch} exceeds the"
+        f" {int(present.sum())} classes present in the data.")
+  for s, row in enumerate(counts):
+    missing = np.flatnonzero(present & (row == 0))
+    if missing.size:
+      raise ValueError(
+          f"classes_per_batch: shard {s} of {counts.shape[0]} holds no example"
+          f" of classes {missing.tolist()[:10]} (and has"
+          f" {int(np.sum(row > 0))} of the split's {int(present.sum())}"
+          " classes). Every shard draws its share of each step's classes from"
+          " its own examples, so every shard must hold every class: use fewer"
+          " shards, more examples per class, or an unsharded split.")
 
 
 def device_eval_batches(data: DeviceData, *, batch_size: int,

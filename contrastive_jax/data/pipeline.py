@@ -31,7 +31,12 @@ How it works, and why:
   step draws P classes without replacement and K examples of each (without
   replacement when the class has K, else cycling through a shuffled class),
   as PML's ``MPerClassSampler`` / TF-Similarity's sampler. With several
-  processes each draws ``P / process_count`` classes from its own shard.
+  processes the step's class order is drawn from a seed shared by all of
+  them, process ``i`` takes classes ``[i P / pc, (i + 1) P / pc)`` of it (so
+  the global batch has P distinct classes) and draws their K examples from
+  its own shard with its own seed. Every shard must therefore hold every
+  class of the split (a ValueError otherwise); the interleaved shards do
+  unless a class has fewer examples than there are processes.
 * Evaluation (``train=False``): one ordered pass; the last batch is padded and
   ``mask`` marks the real examples. All processes yield the same number of
   batches so that multi-host evaluation stays in lockstep.
@@ -93,24 +98,27 @@ def _resolve_stats(name: str, channels: int, normalize: bool, mean, std):
 def _local_examples(name, split, *, data_dir, cache, cache_dir,
                     validation_fraction, download, process_index,
                     process_count):
-  """``(images or None, files or None, labels, num_total)`` of this process."""
+  """``(images or None, files or None, labels, all_labels)``.
+
+  The first three are this process's shard; ``all_labels`` are the labels of
+  the whole split (shard ``i`` is ``all_labels[i::process_count]``).
+  """
   source = sources.resolve_source(name, data_dir=data_dir)
   if source.kind == "image_folder" and cache_dir is None:
     files, labels = sources.image_folder_files(
         name, split, data_dir=data_dir,
         validation_fraction=validation_fraction)
-    n = len(files)
+    all_labels = labels
     files = files[process_index::process_count]
     labels = labels[process_index::process_count]
     if not cache:
-      return None, files, labels, n
-    return sources.decode_images(files, decoder="tf"), None, labels, n
+      return None, files, labels, all_labels
+    return sources.decode_images(files, decoder="tf"), None, labels, all_labels
   arrays = sources.load_split_arrays(
       name, split, data_dir=data_dir, validation_fraction=validation_fraction,
       cache_dir=cache_dir, download=download, decoder="tf")
-  n = len(arrays.labels)
   return (arrays.images[process_index::process_count], None,
-          arrays.labels[process_index::process_count], n)
+          arrays.labels[process_index::process_count], arrays.labels)
 
 
 def build_tf_dataset(
@@ -195,11 +203,11 @@ def build_tf_dataset(
     local_p = _check_pk(classes_per_batch, examples_per_class,
                         global_batch_size, process_count)
 
-  images, files, labels, n_total = _local_examples(
+  images, files, labels, all_labels = _local_examples(
       name, split, data_dir=data_dir, cache=cache, cache_dir=cache_dir,
       validation_fraction=validation_fraction, download=download,
       process_index=process_index, process_count=process_count)
-  n_local = len(labels)
+  n_total, n_local = len(all_labels), len(labels)
   if files is not None:
     channels = sources.image_channels(files[0])
     shape = sources.image_shape(files[0], channels)
@@ -211,6 +219,9 @@ def build_tf_dataset(
   base = tf.constant([seed, process_index], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
   perm_base, aug_base, pk_base = (fold_in(base, i) for i in range(3))
+  # The class draws of class-balanced batches: the same on every process
+  # (process 0's pk_base, so one process draws as it always did).
+  shared_pk_base = fold_in(tf.constant([seed, 0], tf.int64), 2)
   labels_t = tf.constant(labels, tf.int32)
   # The map functions branch only on Python values: skip AutoGraph, whose
   # source conversion costs seconds per function.
@@ -224,16 +235,17 @@ def build_tf_dataset(
     stream = pos.map(plain(lambda p: (p, tf.minimum(p, n_local - 1),
                                           p < n_local)))
   elif balanced:
-    table, counts = _class_table(labels)
-    if local_p > int(np.sum(counts > 0)):
-      raise ValueError(
-          f"classes_per_batch={classes_per_batch} needs {local_p} classes per"
-          f" process, but this process's shard has {int(np.sum(counts > 0))}.")
+    all_counts = _check_process_classes(all_labels, classes_per_batch,
+                                        process_count)
+    table, counts = _class_table(labels, num_classes=len(all_counts))
     table_t, counts_t = tf.constant(table), tf.constant(counts)
+    all_counts_t = tf.constant(all_counts)
 
     def balanced_indices(step):
-      return _tf_balanced_indices(tf, fold_in(pk_base, step), table_t,
-                                  counts_t, local_p, examples_per_class)
+      return _tf_balanced_indices(
+          tf, fold_in(shared_pk_base, step), fold_in(pk_base, step), table_t,
+          counts_t, all_counts_t, local_p, examples_per_class,
+          offset=process_index * local_p)
 
     idx = tf.data.Dataset.range(start_step, _MAX_INT64).map(
         plain(balanced_indices)).unbatch()
@@ -332,9 +344,40 @@ def _check_pk(p, k, global_batch_size, process_count) -> int:
   return p // process_count
 
 
-def _class_table(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_process_classes(all_labels: np.ndarray, classes_per_batch: int,
+                           process_count: int) -> np.ndarray:
+  """Class counts of the split; raises unless P x K batches can be drawn.
+
+  Each process takes its share of every step's P classes from a draw shared
+  by all processes, so any class may be asked of any process: the split
+  needs P classes and every shard ``all_labels[i::process_count]`` every
+  class. Checked on the whole split, so every process fails alike.
+  """
+  all_labels = np.asarray(all_labels)
+  counts = np.bincount(all_labels).astype(np.int32)
+  present = counts > 0
+  if int(present.sum()) < classes_per_batch:
+    raise ValueError(
+        f"classes_per_batch={classes_per_batch} exceeds the"
+        f" {int(present.sum())} classes of the split.")
+  for i in range(process_count):
+    shard = np.bincount(all_labels[i::process_count], minlength=len(counts))
+    missing = np.flatnonzero(present & (shard == 0))
+    if missing.size:
+      raise ValueError(
+          f"classes_per_batch: the shard of process {i} of {process_count}"
+          f" holds no example of classes {missing.tolist()[:10]}. Every"
+          " process draws its share of each step's classes from its own"
+          " shard, so every shard must hold every class: each class needs at"
+          f" least {process_count} examples.")
+  return counts
+
+
+def _class_table(labels: np.ndarray, num_classes: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
   """``table [C, max_count]`` of example indices per class, ``counts [C]``."""
-  num_classes = int(labels.max()) + 1 if len(labels) else 0
+  if num_classes is None:
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
   counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
   table = np.zeros([num_classes, max(int(counts.max()), 1)], np.int32)
   for c in range(num_classes):
@@ -343,15 +386,23 @@ def _class_table(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return table, counts
 
 
-def _tf_balanced_indices(tf, seed, table, counts, p: int, k: int):
-  """``[p * k]`` indices: ``p`` present classes, ``k`` examples each."""
-  s_cls, s_ex = (tf.random.experimental.stateless_fold_in(seed, i)
-                 for i in range(2))
+def _tf_balanced_indices(tf, class_seed, example_seed, table, counts,
+                         all_counts, p: int, k: int, offset: int = 0):
+  """``[p * k]`` indices: ``p`` present classes, ``k`` examples each.
+
+  The classes are ``[offset, offset + p)`` of a class order drawn from
+  ``class_seed`` (shared by the processes, whose offsets tile the P classes
+  of the step), with the classes absent from the split (``all_counts`` 0)
+  last. The examples of this shard (``table``, ``counts``) are drawn from
+  ``example_seed``.
+  """
+  fold_in = tf.random.experimental.stateless_fold_in
+  s_cls, s_ex = fold_in(class_seed, 0), fold_in(example_seed, 1)
   num_classes, width = table.shape
-  # Absent classes (count 0 in this shard) sort last.
+  # Absent classes (count 0 in the split) sort last.
   u = tf.random.stateless_uniform([num_classes], seed=s_cls)
-  u = tf.where(counts > 0, u, 2.0)
-  classes = tf.argsort(u, stable=True)[:p]
+  u = tf.where(all_counts > 0, u, 2.0)
+  classes = tf.argsort(u, stable=True)[offset:offset + p]
   cls_counts = tf.gather(counts, classes)
   v = tf.random.stateless_uniform([p, width], seed=s_ex)
   v = tf.where(tf.range(width)[None, :] < cls_counts[:, None], v, 2.0)
