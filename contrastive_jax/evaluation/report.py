@@ -219,7 +219,8 @@ def load_run(workdir: str, *, data_dir: str | None = None,
           f" to {os.path.join(workdir, 'checkpoints_corrupt')}).")
   if online and not restored.ema:
     _fail(f"{workdir} kept no weight average (its ema_decay is"
-          f" {config.get('ema_decay', 0.0)}): its weights are the online"
+          f" {config.get('ema_decay', 0.0)}, its lookahead_period"
+          f" {config.get('lookahead_period', 0)}): its weights are the online"
           " ones already; evaluate it without online=True.")
   return Run(workdir=workdir, config=config, model=model,
              variables=loop.eval_variables(restored, online=online),
@@ -494,7 +495,8 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
       "workdir": p.run.workdir, "split": p.split, "step": p.run.step,
       "dataset": p.run.config.dataset, "tta_flip": bool(tta_flip),
       "tta_translate": bool(tta_translate),
-      "weights": "average" if (p.run.config.get("ema_decay", 0.0)
+      "weights": "average" if ((p.run.config.get("ema_decay", 0.0)
+                                or p.run.config.get("lookahead_period", 0))
                                and not online) else "online",
       "num_train": int(p.train_labels.shape[0]),
       "num_queries": int(p.query_labels.shape[0]),
@@ -521,7 +523,7 @@ def format_table(result: Mapping[str, Any]) -> str:
               else "")
            + (", translation test-time augmentation"
               if result.get("tta_translate") else "")
-           + (", weight average (EMA)" if result.get("weights") == "average"
+           + (", weight average (EMA or lookahead)" if result.get("weights") == "average"
               else "")]
   for prefix, key in (("kNN", "knn"), ("kNN (loss embedding)",
                                        "knn_embedding")):

@@ -73,10 +73,12 @@ def build(config, mesh, train_input, *, steps: int):
   init_model = registry.build_model(config.model, **kw)
   train_model = registry.build_model(config.model, axis_name=step_lib.AXIS,
                                      **kw)
+  steps_per_epoch = max(1, train_input.num_train // int(config.batch_size))
   schedule = optim.make_schedule(
       config.optimizer, total_steps=steps, batch_size=int(config.batch_size),
-      steps_per_epoch=max(1, train_input.num_train // int(config.batch_size)))
-  tx = optim.make_optimizer(config.optimizer, schedule)
+      steps_per_epoch=steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, schedule,
+                            steps_per_epoch=steps_per_epoch)
   key = jax.random.key(int(config.seed))
   sample = np.zeros((1,) + tuple(train_input.image_shape), np.float32)
   init_input = sample
@@ -88,7 +90,8 @@ def build(config, mesh, train_input, *, steps: int):
     init_input = train_input.init_images(_WHITEN_INIT_IMAGES)
   state = state_lib.create_train_state(
       init_model, tx, sample_input=init_input, key=jax.random.fold_in(key, 0),
-      ema=float(config.get("ema_decay", 0.0)) > 0)
+      ema=(float(config.get("ema_decay", 0.0)) > 0
+           or step_lib.lookahead_settings(config)[0] > 0))
   memory_size = int(config.loss.get("memory_size", 0))
   if memory_size:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -337,7 +340,7 @@ def train_and_evaluate(config, workdir: str, *,
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   preempt = ckpt_lib.PreemptionFlag().install()
   train_step = step_lib.make_train_step(train_model, tx, schedule, config,
-                                        mesh)
+                                        mesh, total_steps=steps)
   every = int(cc.get("every_steps", 1000))
   log_every = max(1, int(config.get("log_every", 50)))
   eval_every = int(config.get("eval_every", 0))

@@ -34,8 +34,9 @@ class TrainState:
       step ``s`` uses ``fold_in(key, s)``, so no key is carried forward.
     memory: cross-batch memory (``losses.CrossBatchMemory``), or ``{}``.
     ema: ``{"params", "batch_stats"}``, the exponential moving average of
-      the weights when ``config.ema_decay > 0`` (evaluated instead of the
-      online weights), or ``{}``.
+      the weights when ``config.ema_decay > 0``, or lookahead's slow
+      weights when ``config.lookahead_period > 0`` (either is evaluated
+      instead of the online weights), or ``{}``.
   """
   step: jax.Array
   params: Any
@@ -66,7 +67,10 @@ def create_train_state(model, tx: optax.GradientTransformation, *,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats, opt_state=tx.init(params),
                     rng=jax.random.key_data(run_key), memory=memory,
-                    ema=({"params": params, "batch_stats": batch_stats}
+                    # A copy: the step donates the state, and one buffer
+                    # cannot be donated twice.
+                    ema=(jax.tree.map(jnp.copy, {"params": params,
+                                                 "batch_stats": batch_stats})
                          if ema else {}))
 
 

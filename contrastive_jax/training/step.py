@@ -21,6 +21,16 @@ Inside it:
 
 Randomness is ``fold_in(fold_in(key, step), device)``: nothing random is
 carried in the state, so a resumed step draws what the uninterrupted one did.
+
+After the optimizer update the step keeps one of two weight copies in
+``state.ema`` (``{"params", "batch_stats"}``), which evaluation uses:
+
+* ``ema_decay > 0``: an exponential moving average of the weights
+  (``ema_rate``);
+* ``lookahead_period > 0``: airbench's lookahead (``lookahead_update``):
+  every ``lookahead_period`` steps the slow copy moves towards the trained
+  weights and the trained weights are reset to it; after the last step the
+  trained weights are the slow ones.
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ from contrastive_jax.training import registry
 from contrastive_jax.training.state import TrainState
 
 __all__ = ["AXIS", "RetraceError", "ema_rate", "flatten_views",
-           "guard_traces", "make_train_step"]
+           "guard_traces", "lookahead_settings", "lookahead_update",
+           "make_train_step"]
 
 AXIS = "data"
 
@@ -88,6 +99,64 @@ def ema_rate(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
+def lookahead_settings(config) -> tuple[int, float, float]:
+  """``(lookahead_period, lookahead_decay, lookahead_power)`` of ``config``.
+
+  ``lookahead_period`` 0 (the default) turns lookahead off. Defaults:
+  airbench96's ``0.95 ** 5`` and 3. Raises ``ValueError`` for bad values,
+  or with ``ema_decay > 0`` too (both keep their weights in ``state.ema``).
+  """
+  period = config.get("lookahead_period", 0) or 0
+  if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+    raise ValueError(
+        f"lookahead_period must be an integer >= 0, got {period!r}.")
+  decay = float(config.get("lookahead_decay", 0.95 ** 5))
+  power = float(config.get("lookahead_power", 3.0))
+  if period:
+    if not 0.0 <= decay <= 1.0:
+      raise ValueError(f"lookahead_decay must be in [0, 1], got {decay}.")
+    if not power >= 0.0:
+      raise ValueError(f"lookahead_power must be >= 0, got {power}.")
+    if float(config.get("ema_decay", 0.0)) > 0:
+      raise ValueError(
+          "ema_decay > 0 and lookahead_period > 0 both keep their weights in"
+          " state.ema: set one of them to 0.")
+  return period, decay, power
+
+
+def lookahead_update(fast, slow, step, *, total_steps: int, period: int,
+                     decay: float, power: float):
+  """airbench's lookahead after optimizer step number ``step`` (from 1).
+
+  ``fast``: the trained weights after that step; ``slow``: the slow copy
+  (same tree). Every ``period`` steps, with ``d = decay * (step /
+  total_steps) ** power``: ``slow += (1 - d) * (fast - slow)`` and ``fast =
+  slow``. At ``step == total_steps`` also ``fast = slow`` (airbench's final
+  ``update(decay=1.0)``, after the periodic one when both fall on that
+  step), so training ends on the slow weights. Other steps change nothing.
+  Only floating-point leaves are mixed, as airbench's; others keep ``fast``.
+  Traceable (``step`` may be a traced scalar): returns ``(fast, slow)``.
+  """
+  t = jnp.asarray(step, jnp.int32)
+  periodic = t % period == 0
+  sync = periodic | (t == total_steps)
+  frac = jnp.minimum(t.astype(jnp.float32) / float(total_steps), 1.0)
+  d = jnp.where(periodic, decay * frac ** power, 1.0)
+
+  def is_float(x):
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+  def mixed():
+    new_slow = jax.tree.map(
+        lambda f, s: s + (1.0 - d).astype(s.dtype) * (f - s) if is_float(f)
+        else s, fast, slow)
+    new_fast = jax.tree.map(lambda f, s: s if is_float(f) else f, fast,
+                            new_slow)
+    return new_fast, new_slow
+
+  return lax.cond(sync, mixed, lambda: (fast, slow))
+
+
 class RetraceError(RuntimeError):
   """A guarded jitted function was traced (and compiled) more often than allowed."""
 
@@ -121,7 +190,8 @@ def guard_traces(fn: Callable, *, max_traces: int, name: str) -> Callable:
 
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], config,
-                    mesh: Mesh, *, max_traces: int = 1
+                    mesh: Mesh, *, max_traces: int = 1,
+                    total_steps: int | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Jitted ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
@@ -135,6 +205,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
     mesh: a mesh with a ``"data"`` axis.
     max_traces: compilations allowed before ``RetraceError`` (every batch
       has the same shapes, so one).
+    total_steps: the run's number of steps; needed by lookahead
+      (``config.lookahead_period > 0``, see ``lookahead_update``), whose
+      state must keep ``ema`` (``create_train_state(..., ema=True)``).
 
   Returns:
     The step. ``batch`` is ``{"image": [B, (V,) H, W, C], "label": [B]}``
@@ -162,6 +235,10 @@ def make_train_step(model, tx: optax.GradientTransformation,
   ema_decay = float(config.get("ema_decay", 0.0))
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+  la_period, la_decay, la_power = lookahead_settings(config)
+  if la_period and not (total_steps and int(total_steps) > 0):
+    raise ValueError("lookahead_period > 0 needs the run's total_steps:"
+                     " make_train_step(..., total_steps=steps).")
   hash_kwargs = registry._plain(config.model.get("hash_scale", {}) or {})  # pylint: disable=protected-access
   global_batch = int(config.batch_size)
   sam = optim.is_sam(config.optimizer)
@@ -255,6 +332,15 @@ def make_train_step(model, tx: optax.GradientTransformation,
       ema = optax.incremental_update(
           {"params": params, "batch_stats": batch_stats}, ema,
           step_size=1.0 - ema_rate(state.step, ema_decay))
+    if la_period:
+      if not ema:
+        raise ValueError("lookahead_period > 0 needs a state with a slow"
+                         " weight copy: create_train_state(..., ema=True).")
+      fast, ema = lookahead_update(
+          {"params": params, "batch_stats": batch_stats}, ema, state.step + 1,
+          total_steps=int(total_steps), period=la_period, decay=la_decay,
+          power=la_power)
+      params, batch_stats = fast["params"], fast["batch_stats"]
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats,
         opt_state=opt_state, memory=memory, ema=ema)
