@@ -1,5 +1,6 @@
 """On-device input path and JAX augmentations (no TensorFlow needed)."""
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -142,16 +143,147 @@ def test_public_single_view_functions():
   assert 0 < float(jnp.mean(jnp.all(cut == 0.5, axis=-1))) < 0.4
 
 
-@jax.jit
-def _both_crops(x, u):
-  fast = aj.crop_flip_images(x, u, padding=4)
-  return fast, aj.resample(x, *aj.crop_flip_positions(u, 32, 32, padding=4))
+@functools.partial(jax.jit, static_argnames="padding_mode")
+def _both_crops(x, u, padding_mode="zero"):
+  fast = aj.crop_flip_images(x, u, padding=4, padding_mode=padding_mode)
+  return fast, aj.resample(x, *aj.crop_flip_positions(
+      u, 32, 32, padding=4, padding_mode=padding_mode))
 
 
-def test_crop_flip_slice_matches_resample():
+@pytest.mark.parametrize("padding_mode", aj.PADDING_MODES)
+def test_crop_flip_slice_matches_resample(padding_mode):
   u = jax.random.uniform(jax.random.key(0), (64, 3))
-  fast, slow = _both_crops(jnp.asarray(_images(64)), u)
+  fast, slow = _both_crops(jnp.asarray(_images(64)), u, padding_mode)
   np.testing.assert_allclose(fast, slow, atol=1e-6)
+
+
+# Uniforms at the extremes: 0 and the largest float32 below 1.
+_U0, _U1 = np.float32(0.0), np.nextafter(np.float32(1), np.float32(0))
+
+
+def _crop_reference(imgs, u, padding, mode, flip=True):
+  """NumPy padded crop + flip: ``np.pad`` then the slice at the offsets the
+  uniforms imply, then the mirror; float32 in [0, 1]."""
+  _, h, w, _ = imgs.shape
+  span = 2 * padding + 1
+  out = []
+  for img, (uy, ux, uf) in zip(imgs, u[:, :3]):
+    dy = min(int(np.floor(uy * np.float32(span))), span - 1)
+    dx = min(int(np.floor(ux * np.float32(span))), span - 1)
+    padded = np.pad(img, ((padding, padding), (padding, padding), (0, 0)),
+                    mode="reflect" if mode == "reflect" else "constant")
+    crop = padded[dy:dy + h, dx:dx + w]
+    if flip and uf < 0.5:
+      crop = crop[:, ::-1]
+    out.append(crop.astype(np.float32) * np.float32(1.0 / 255.0))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "crop", "crop_flip_rotate"])
+@pytest.mark.parametrize("padding_mode", aj.PADDING_MODES)
+@pytest.mark.parametrize("padding", [2, 6])
+def test_crop_padding_modes_against_numpy(augment, padding_mode, padding):
+  """Reflect (and zero) padding, every crop policy, extreme offsets; 7 x 9
+  images, so padding 6 is the largest reflect allows."""
+  rng = np.random.RandomState(3)
+  imgs = (rng.rand(9, 7, 9, 3) * 255).astype(np.uint8)
+  u = rng.rand(9, 1, 4).astype(np.float32)
+  u[:5, 0, :3] = [[_U0, _U0, 0.2],   # offsets (0, 0): the top-left corner
+                  [_U1, _U1, 0.7],   # (2p, 2p): the bottom-right corner
+                  [_U0, _U1, 0.4],
+                  [_U1, _U0, 0.9],
+                  [0.5, 0.5, 0.1]]   # (p, p): the image itself
+  u[..., 3] = 0.5  # no rotation (angle 0 is an exact identity)
+  n = aj.num_uniforms(augment)
+  out = np.asarray(aj.apply_augment(imgs, u[..., :n], augment=augment,
+                                    padding=padding, padding_mode=padding_mode,
+                                    max_degrees=0.0))[:, 0]
+  ref = _crop_reference(imgs, u[:, 0], padding, padding_mode,
+                        flip=augment != "crop")
+  np.testing.assert_array_equal(out, ref)
+  if padding_mode == "zero":
+    # the corner crops read the zero border; the reflected ones never do
+    assert np.all(out[0, :padding, :padding] == 0)
+  # offsets (p, p): the image itself (mirrored unless "crop")
+  centre = imgs[4] if augment == "crop" else imgs[4][:, ::-1]
+  np.testing.assert_array_equal(
+      out[4], centre.astype(np.float32) * np.float32(1.0 / 255.0))
+
+
+def _cutout_reference(u_y, u_x, height, width, size, inside):
+  """``[H, W]`` bool mask of the Cutout square, in NumPy."""
+  if inside:
+    top = min(int(np.floor(u_y * np.float32(height - size + 1))),
+              height - size)
+    left = min(int(np.floor(u_x * np.float32(width - size + 1))),
+               width - size)
+  else:
+    top = min(int(np.floor(u_y * np.float32(height))), height - 1) - size // 2
+    left = min(int(np.floor(u_x * np.float32(width))), width - 1) - size // 2
+  rows, cols = np.arange(height), np.arange(width)
+  in_rows = (rows >= top) & (rows < top + size)
+  in_cols = (cols >= left) & (cols < left + size)
+  return in_rows[:, None] & in_cols[None, :]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+@pytest.mark.parametrize("cutout_size", [0, 4, 7])
+def test_cutout_size_and_inside_against_numpy(cutout_size, inside):
+  """Cutout of side cutout_size (0: min(H, W) // 2 = 3) on 9 x 7 images,
+  clipped or wholly inside, after a reflect-padded crop + flip."""
+  height, width = 9, 7
+  side = cutout_size or min(height, width) // 2
+  rng = np.random.RandomState(6)
+  imgs = (rng.rand(16, height, width, 3) * 255).astype(np.uint8)
+  u = rng.rand(16, 1, 5).astype(np.float32)
+  u[:5, 0, 3:] = [[_U0, _U0], [_U1, _U1], [_U0, _U1], [1e-7, 0.999],
+                  [0.5, 0.5]]
+  opts = dict(padding=2, padding_mode="reflect")
+  out = np.asarray(aj.apply_augment(
+      imgs, u, augment="crop_flip_cutout", cutout_size=cutout_size,
+      cutout_inside=inside, **opts))[:, 0]
+  base = np.asarray(aj.apply_augment(imgs, u[..., :3], augment="crop_flip",
+                                     **opts))[:, 0]
+  masks = np.stack([_cutout_reference(u[i, 0, 3], u[i, 0, 4], height, width,
+                                      side, inside) for i in range(16)])
+  ref = np.where(masks[..., None], np.float32(aj.CUTOUT_FILL), base)
+  np.testing.assert_array_equal(out, ref)
+  # The reference's corners: u = 0 and u -> 1 reach the first and last rows
+  # and columns (wholly inside: the square's own first and last positions).
+  assert masks[0, 0, 0] and masks[1, -1, -1]
+  assert masks[2, 0, -1]
+  # uint8 pixels are never 0.5 after the crop: count what was cut.
+  cut = (out == aj.CUTOUT_FILL).sum(axis=(1, 2))  # [N, C]
+  if inside:
+    assert np.all(masks.sum(axis=(1, 2)) == side * side)
+    assert np.all(cut == side * side)  # every example, every channel
+    np.testing.assert_array_equal(np.argwhere(masks[1])[0],
+                                  [height - side, width - side])
+    np.testing.assert_array_equal(np.argwhere(masks[0])[0], [0, 0])
+  else:
+    # clipped at the corner: rows/columns 0 .. side - side // 2 - 1 only
+    assert masks[0].sum() == (side - side // 2) ** 2
+    assert cut[0, 0] == (side - side // 2) ** 2
+
+
+def test_augment_option_errors():
+  key, x = jax.random.key(0), _images(2, size=8)
+  for opts, match in (
+      (dict(padding_mode="edge"), "padding_mode must be one of"),
+      (dict(padding_mode="reflect", padding=8), "padding_mode='reflect' needs"),
+      (dict(padding_mode="reflect", padding=-1), "padding_mode='reflect' needs"),
+      (dict(cutout_size=-1), "cutout_size must be an int >= 0"),
+      (dict(cutout_size=2.5), "cutout_size must be an int >= 0"),
+      (dict(cutout_size=9), "cutout_size must be at most min"),
+      (dict(cutout_inside="yes"), "cutout_inside must be a bool")):
+    with pytest.raises(ValueError, match=match):
+      aj.augment_views(key, x, augment="crop_flip_cutout", **opts)
+  with pytest.raises(ValueError, match="reflect"):
+    aj.crop_flip(key, x, padding=8, padding_mode="reflect")
+  # The limits themselves are fine: padding H - 1, a square as big as the image.
+  out = aj.crop_flip_cutout(key, x, padding=7, padding_mode="reflect",
+                            cutout_size=8, cutout_inside=True)
+  np.testing.assert_array_equal(out, aj.CUTOUT_FILL)
 
 
 @jax.jit
@@ -356,6 +488,34 @@ def test_eval_batches_cover_split_once():
                            for b in out])
   np.testing.assert_array_equal(labels, np.arange(21))
   assert np.asarray(out[-1]["mask"]).sum() == 5
+
+
+def test_augment_options_reach_batches():
+  """padding_mode / cutout_size / cutout_inside through sample_batch and
+  device_batches: with pixels in 1..254 a reflected border holds no 0, and a
+  3 x 3 square inside every image cuts exactly 9 pixels per channel."""
+  images = (np.random.RandomState(2).rand(16, 8, 8, 3) * 253 + 1).astype(
+      np.uint8)
+  d = data.put_on_device(images, np.arange(16))
+  key = jax.random.key(5)
+  opts = dict(batch_size=8, augment="crop_flip_cutout", padding=4)
+  new = dict(padding_mode="reflect", cutout_size=3, cutout_inside=True)
+  for b in (data.sample_batch(key, d, 1, **opts, **new),
+            next(data.device_batches(d, key=key, **opts, **new))):
+    x = np.asarray(b["image"])
+    assert np.all(x > 0)
+    np.testing.assert_array_equal((x == aj.CUTOUT_FILL).sum(axis=(1, 2)), 9)
+  # The defaults: zero padding shows, Cutout's 4 x 4 square is clipped.
+  x = np.asarray(data.sample_batch(key, d, 1, **opts)["image"])
+  assert np.any(x == 0)
+  assert np.any((x == aj.CUTOUT_FILL).sum(axis=(1, 2)) != 9)
+  for bad, match in ((dict(padding_mode="wrap"), "padding_mode"),
+                     (dict(padding_mode="reflect", padding=8), "reflect"),
+                     (dict(cutout_size=9), "cutout_size")):
+    with pytest.raises(ValueError, match=match):
+      data.sample_batch(key, d, 0, **{**opts, **bad})
+    with pytest.raises(ValueError, match=match):
+      next(data.device_batches(d, key=key, **{**opts, **bad}))
 
 
 def test_batch_size_errors():

@@ -60,6 +60,39 @@ def test_tf_and_jax_apply_identically(augment):
   np.testing.assert_allclose(j, t, atol=3e-4)
 
 
+_U1 = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+@pytest.mark.parametrize("augment, opts", [
+    ("crop_flip", dict(padding_mode="reflect")),
+    ("crop", dict(padding_mode="reflect", padding=6)),
+    ("crop_flip_rotate", dict(padding_mode="reflect")),
+    ("crop_flip_cutout", dict(padding_mode="reflect", cutout_size=5,
+                              cutout_inside=True)),
+    ("crop_flip_cutout", dict(cutout_size=0, cutout_inside=True)),
+    ("crop_flip_cutout", dict(cutout_size=7)),
+    ("crop_flip_cutout", dict(cutout_size=7, cutout_inside=True)),
+], ids=["reflect", "crop-reflect-p6", "rotate-reflect",
+        "cutout-reflect-5-inside", "cutout-inside", "cutout-7",
+        "cutout-7-inside"])
+def test_tf_and_jax_apply_identically_with_options(augment, opts):
+  """Same uniforms, same images, for padding_mode / cutout_size /
+  cutout_inside; 7 x 9 images, uniforms at 0 and just below 1 included."""
+  rng = np.random.RandomState(7)
+  imgs = (rng.rand(16, 7, 9, 3) * 255).astype(np.uint8)
+  u = rng.rand(16, 1, aj.num_uniforms(augment)).astype(np.float32)
+  u[0, 0, :2], u[1, 0, :2] = 0.0, _U1
+  if augment == "crop_flip_cutout":
+    u[2, 0, 3:], u[3, 0, 3:], u[4, 0, 3:] = 0.0, _U1, [0.0, _U1]
+  j = np.asarray(aj.apply_augment(imgs, u, augment=augment, **opts))
+  t = at.apply_augment(tf.constant(imgs), tf.constant(u), augment=augment,
+                       **opts).numpy()
+  assert j.shape == t.shape == (16, 1, 7, 9, 3)
+  np.testing.assert_allclose(j, t, atol=3e-4)
+  if opts.get("padding_mode") == "reflect" and augment != "crop_flip_rotate":
+    np.testing.assert_array_equal(j, t)  # the reflect crop is exact in both
+
+
 def test_tf_color_ops_match_tf_image():
   rng = np.random.RandomState(1)
   x = rng.rand(8, 8, 8, 3).astype(np.float32)
@@ -134,6 +167,44 @@ def test_tf_pipeline_distribution_simclr(stats_folder):
 
 # ----------------------------------------------------------------------------
 # The pipeline.
+
+
+@pytest.fixture(scope="module")
+def no_zero_folder(tmp_path_factory):
+  """2 classes x 8 images of 8 x 8 pixels in 1..254 (never 0, never 0.5)."""
+  root = tmp_path_factory.mktemp("nozero")
+  rng = np.random.RandomState(1)
+  for cls in ("a", "b"):
+    d = root / "tiny" / "train" / cls
+    d.mkdir(parents=True)
+    for i in range(8):
+      img = (rng.rand(8, 8, 3) * 253 + 1).astype(np.uint8)
+      Image.fromarray(img).save(d / f"{i:04d}.png")
+  return root
+
+
+def test_augment_options_reach_tf_batches(no_zero_folder):
+  """padding_mode / cutout_size / cutout_inside reach build_tf_dataset's
+  batches: a reflected border holds no 0, and a 3 x 3 square inside every
+  image cuts exactly 9 pixels per channel; bad values raise up front."""
+  opts = dict(name="tiny", split="train", data_dir=no_zero_folder,
+              global_batch_size=8, augment="crop_flip_cutout", padding=4,
+              normalize=False, num_devices=1)
+  new = dict(padding_mode="reflect", cutout_size=3, cutout_inside=True)
+  for b in _batches(2, **opts, **new):
+    assert np.all(b["image"] > 0)
+    np.testing.assert_array_equal(
+        (b["image"] == aj.CUTOUT_FILL).sum(axis=(1, 2)), 9)
+  # The defaults: zero padding shows, Cutout's 4 x 4 square is clipped.
+  x = np.concatenate([b["image"] for b in _batches(2, **opts)])
+  assert np.any(x == 0)
+  assert np.any((x == aj.CUTOUT_FILL).sum(axis=(1, 2)) != 9)
+  for bad, match in ((dict(padding_mode="symmetric"), "padding_mode"),
+                     (dict(cutout_size=-2), "cutout_size"),
+                     (dict(padding_mode="reflect", padding=8), "reflect"),
+                     (dict(cutout_size=9), "cutout_size must be at most")):
+    with pytest.raises(ValueError, match=match):
+      data.build_tf_dataset(**{**opts, **bad})
 
 
 def test_shapes_dtypes_ranges_and_views_differ(folder):

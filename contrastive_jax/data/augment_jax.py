@@ -18,15 +18,25 @@ match in distribution whatever random-number generators draw the uniforms.
 Policies (``augment=``):
 
 * ``"none"``: only the conversion to float32 in [0, 1].
-* ``"crop_flip"``: random crop with ``padding`` zero pixels on each side, and a
-  horizontal flip with probability 1/2 (the standard CIFAR augmentation).
+* ``"crop_flip"``: random crop of the image padded by ``padding`` pixels on
+  each side, and a horizontal flip with probability 1/2 (the standard CIFAR
+  augmentation). ``padding_mode`` picks the border: ``"zero"`` (default)
+  or ``"reflect"`` (the image mirrored without repeating its edge pixel, as
+  ``np.pad(mode="reflect")`` and torch's ``F.pad(mode="reflect")``, which
+  airbench uses; needs ``padding`` < H and W). Every ``"crop*"`` policy crops
+  this way.
 * ``"crop_flip_rotate"``: the above, then a rotation by an angle uniform in
   ``[-max_degrees, max_degrees]`` (bilinear, zero fill).
-* ``"crop_flip_cutout"``: ``"crop_flip"``, then Cutout (DeVries & Taylor,
-  2017): a square of side ``min(H, W) // 2`` (16 at 32x32, their CIFAR-10
-  setting) centred uniformly anywhere in the image, clipped at its borders,
-  filled with ``CUTOUT_FILL`` (0.5: near CIFAR-10's channel means, so about
-  zero after normalisation, as their cutout of normalised images).
+* ``"crop_flip_cutout"``: ``"crop_flip"``, then Cutout: a square of side
+  ``cutout_size`` (default 0: ``min(H, W) // 2``, 16 at 32x32) filled with
+  ``CUTOUT_FILL`` (0.5: near CIFAR-10's channel means, so about zero after
+  normalisation, as a cutout of normalised images). Placement
+  (``cutout_mask``): by default (``cutout_inside=False``, DeVries & Taylor,
+  2017, their CIFAR-10 setting) its centre is uniform anywhere in the image
+  and it is clipped at the borders; with ``cutout_inside=True`` (airbench)
+  it lies entirely inside the image, its top-left corner uniform over the
+  ``(H - size + 1) x (W - size + 1)`` valid positions, so every view loses
+  exactly ``size * size`` pixels.
 * ``"crop"``, ``"crop_rotate"``: the two above without the flip (digits).
 * ``"simclr"``: SimCLR's CIFAR set: random resized crop (scale 0.08-1, aspect
   ratio 3/4-4/3, resized back to the input size), horizontal flip, colour
@@ -57,6 +67,10 @@ import numpy as np
 
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "crop_flip_cutout",
                  "crop", "crop_rotate", "simclr")
+# Borders of the padded random crop of the "crop*" policies.
+PADDING_MODES = ("zero", "reflect")
+_CROP_POLICIES = ("crop_flip", "crop_flip_rotate", "crop_flip_cutout", "crop",
+                  "crop_rotate")
 # Crops that never flip: for images whose mirror image is another class
 # (digits: a mirrored 2 reads as a 5). They draw the same uniforms.
 NO_FLIP = {"crop": "crop_flip", "crop_rotate": "crop_flip_rotate"}
@@ -100,6 +114,45 @@ def check_augment(augment: str) -> None:
   if augment not in AUGMENTATIONS:
     raise ValueError(
         f"augment must be one of {AUGMENTATIONS}, got {augment!r}.")
+
+
+def check_options(augment: str | None = None, *, padding: int = 4,
+                  padding_mode: str = "zero", cutout_size: int = 0,
+                  cutout_inside: bool = False, height: int | None = None,
+                  width: int | None = None) -> None:
+  """Raises a ValueError for bad crop / Cutout options.
+
+  The values are always checked (``padding_mode`` in ``PADDING_MODES``,
+  ``cutout_size`` an int >= 0, ``cutout_inside`` a bool). Given the image
+  ``height`` and ``width``, so are the limits of the options ``augment``
+  uses (all of them when ``augment`` is None): ``"reflect"`` needs
+  ``0 <= padding < min(H, W)`` (a reflection cannot reach further than the
+  image), and ``cutout_size`` may not exceed ``min(H, W)``.
+  """
+  if padding_mode not in PADDING_MODES:
+    raise ValueError(
+        f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
+  if isinstance(cutout_size, bool) or not isinstance(
+      cutout_size, (int, np.integer)) or cutout_size < 0:
+    raise ValueError(
+        "cutout_size must be an int >= 0 (0: min(H, W) // 2), got"
+        f" {cutout_size!r}.")
+  if not isinstance(cutout_inside, (bool, np.bool_)):
+    raise ValueError(f"cutout_inside must be a bool, got {cutout_inside!r}.")
+  if height is None or width is None:
+    return
+  side = min(height, width)
+  crops = augment is None or augment in _CROP_POLICIES
+  if crops and padding_mode == "reflect" and not 0 <= padding < side:
+    raise ValueError(
+        f"padding_mode='reflect' needs 0 <= padding < min(H, W) = {side} (the"
+        f" mirrored border comes from inside the image), got padding="
+        f"{padding!r} for {height}x{width} images.")
+  cuts = augment is None or augment == "crop_flip_cutout"
+  if cuts and cutout_size > side:
+    raise ValueError(
+        f"cutout_size must be at most min(H, W) = {side} for {height}x{width}"
+        f" images, got {cutout_size!r}.")
 
 
 def num_uniforms(augment: str) -> int:
@@ -209,7 +262,7 @@ def resample(images, ys, xs):
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def crop_flip_images(images, u, *, padding: int):
+def crop_flip_images(images, u, *, padding: int, padding_mode: str = "zero"):
   """Padded random crop + flip by integer slicing (no interpolation needed).
 
   Same result as ``resample`` at ``crop_flip_positions`` (tested), an order
@@ -218,28 +271,38 @@ def crop_flip_images(images, u, *, padding: int):
   Args:
     images: ``[N, H, W, C]`` uint8 or float.
     u: ``[N, >=3]`` uniforms (see ``crop_flip_positions``).
-    padding: zero padding on each side.
+    padding: pixels of padding on each side.
+    padding_mode: ``"zero"`` or ``"reflect"`` (``jnp.pad(mode="reflect")``:
+      mirrored without repeating the edge; needs ``padding`` < H and W).
 
   Returns:
     float32 ``[N, H, W, C]`` in [0, 1].
   """
+  check_options(padding=padding, padding_mode=padding_mode,
+                height=images.shape[1], width=images.shape[2])
   n, height, width, c = images.shape
   span = 2 * padding + 1
   dy = jnp.minimum(jnp.floor(u[:, 0] * span), span - 1).astype(jnp.int32)
   dx = jnp.minimum(jnp.floor(u[:, 1] * span), span - 1).astype(jnp.int32)
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                            (0, 0)))
+  pad_width = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  if padding_mode == "reflect":
+    padded = jnp.pad(images, pad_width, mode="reflect")
+  else:
+    padded = jnp.pad(images, pad_width)
   out = jax.vmap(lambda im, a, b: jax.lax.dynamic_slice(
       im, (a, b, 0), (height, width, c)))(padded, dy, dx)
   out = jnp.where((u[:, 2] < 0.5)[:, None, None, None], out[:, :, ::-1], out)
   return to_float(out)
 
 
-def crop_flip_positions(u, height: int, width: int, *, padding: int):
+def crop_flip_positions(u, height: int, width: int, *, padding: int,
+                        padding_mode: str = "zero"):
   """Rows/cols ``[N, H], [N, W]`` of a padded random crop and flip.
 
   ``u [N, >=3]``: offsets ``dy, dx`` uniform in ``{0, ..., 2 * padding}`` of
-  the zero-padded image, and a flip when ``u[:, 2] < 0.5``.
+  the padded image, and a flip when ``u[:, 2] < 0.5``. With ``"zero"``
+  padding the positions run past the image (``resample`` reads 0 there);
+  with ``"reflect"`` they are folded back inside (``reflect_index``).
   """
   span = 2 * padding + 1
   dy = jnp.minimum(jnp.floor(u[:, 0] * span), span - 1) - padding
@@ -248,21 +311,48 @@ def crop_flip_positions(u, height: int, width: int, *, padding: int):
   ys = jnp.arange(height, dtype=jnp.float32) + dy[:, None]
   cols = jnp.arange(width, dtype=jnp.float32)
   cols = jnp.where(flip[:, None], cols[::-1], cols)
-  return ys, cols + dx[:, None]
+  xs = cols + dx[:, None]
+  if padding_mode == "reflect":
+    ys, xs = reflect_index(ys, height), reflect_index(xs, width)
+  return ys, xs
 
 
-def cutout_mask(u_y, u_x, height: int, width: int) -> jax.Array:
+def reflect_index(i, size: int):
+  """Folds positions ``i`` in ``[-(size - 1), 2 (size - 1)]`` into the image.
+
+  ``-k -> k`` and ``size - 1 + k -> size - 1 - k``: the mirror without
+  repeating the edge pixel (``np.pad(mode="reflect")``).
+  """
+  last = size - 1
+  return last - jnp.abs(last - jnp.abs(i))
+
+
+def cutout_mask(u_y, u_x, height: int, width: int, *, size: int = 0,
+                inside: bool = False) -> jax.Array:
   """``[N, H, W]`` bool, True inside each example's Cutout square.
 
-  The square has side ``min(H, W) // 2``; its centre row and column are
-  uniform over the image (``u_y, u_x [N]`` in [0, 1)), and it is clipped at
-  the borders, so near an edge less than the full square is cut.
+  The square has side ``size`` (0: ``min(H, W) // 2``). With ``inside``
+  False (DeVries & Taylor) its centre row and column are uniform over the
+  image (``cy = min(floor(u_y H), H - 1)``, likewise ``cx``; ``u_y, u_x
+  [N]`` in [0, 1)), it spans rows ``[cy - size // 2, cy - size // 2 +
+  size)``, and it is clipped at the borders, so near an edge less than the
+  full square is cut. With ``inside`` True (airbench) it lies wholly inside
+  the image: its top row is ``min(floor(u_y (H - size + 1)), H - size)``
+  (likewise its left column), so exactly ``size * size`` pixels are cut.
   """
-  size = min(height, width) // 2
-  cy = jnp.minimum(jnp.floor(u_y * height), height - 1).astype(jnp.int32)
-  cx = jnp.minimum(jnp.floor(u_x * width), width - 1).astype(jnp.int32)
-  rows = jnp.arange(height)[None, :] - (cy[:, None] - size // 2)
-  cols = jnp.arange(width)[None, :] - (cx[:, None] - size // 2)
+  if size == 0:
+    size = min(height, width) // 2
+  if inside:
+    top = jnp.minimum(jnp.floor(u_y * (height - size + 1)),
+                      height - size).astype(jnp.int32)
+    left = jnp.minimum(jnp.floor(u_x * (width - size + 1)),
+                       width - size).astype(jnp.int32)
+  else:
+    cy = jnp.minimum(jnp.floor(u_y * height), height - 1).astype(jnp.int32)
+    cx = jnp.minimum(jnp.floor(u_x * width), width - 1).astype(jnp.int32)
+    top, left = cy - size // 2, cx - size // 2
+  rows = jnp.arange(height)[None, :] - top[:, None]
+  cols = jnp.arange(width)[None, :] - left[:, None]
   in_rows = (rows >= 0) & (rows < size)
   in_cols = (cols >= 0) & (cols < size)
   return in_rows[:, :, None] & in_cols[:, None, :]
@@ -550,12 +640,15 @@ def _gray_planar(x, mask):
 # Policies.
 
 
-_STATIC = ("augment", "views", "strength", "padding", "max_degrees")
+_STATIC = ("augment", "views", "strength", "padding", "max_degrees",
+           "padding_mode", "cutout_size", "cutout_inside")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC[:1] + _STATIC[2:])
 def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
-                  padding: int = 4, max_degrees: float = 10.0) -> jax.Array:
+                  padding: int = 4, max_degrees: float = 10.0,
+                  padding_mode: str = "zero", cutout_size: int = 0,
+                  cutout_inside: bool = False) -> jax.Array:
   """Deterministic half of an augmentation: images + uniforms -> views.
 
   Args:
@@ -563,15 +656,28 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
     uniforms: ``[B, V, num_uniforms(augment)]`` in [0, 1).
     augment: one of ``AUGMENTATIONS``.
     strength: colour-jitter strength (``"simclr"``).
-    padding: zero padding of the random crop (``"crop*"``).
+    padding: padding of the random crop, pixels per side (``"crop*"``).
     max_degrees: largest rotation (``"*_rotate"``).
+    padding_mode: the crop's border, ``"zero"`` or ``"reflect"``
+      (``"crop*"``; see ``PADDING_MODES`` and the module docstring).
+    cutout_size: side of the Cutout square; 0: ``min(H, W) // 2``
+      (``"crop_flip_cutout"``).
+    cutout_inside: place the Cutout square wholly inside the image
+      (airbench) instead of centring it anywhere and clipping it
+      (``cutout_mask``).
 
   Returns:
     ``[B, V, H, W, C]`` float32 in [0, 1].
+
+  Raises:
+    ValueError: for bad options (``check_options``).
   """
   check_augment(augment)
   check_images(images)
   b, height, width, c = images.shape
+  check_options(augment, padding=padding, padding_mode=padding_mode,
+                cutout_size=cutout_size, cutout_inside=cutout_inside,
+                height=height, width=width)
   if uniforms.ndim != 3 or uniforms.shape[0] != b or (
       uniforms.shape[2] != num_uniforms(augment)):
     raise ValueError(
@@ -589,12 +695,13 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
   if augment == "none":
     x = to_float(x)
   elif augment in ("crop_flip", "crop_flip_rotate", "crop_flip_cutout"):
-    x = crop_flip_images(x, u, padding=padding)
+    x = crop_flip_images(x, u, padding=padding, padding_mode=padding_mode)
     if augment == "crop_flip_rotate":
       angles = (2.0 * u[:, 3] - 1.0) * (max_degrees * math.pi / 180.0)
       x = affine_resample(x, rotation_transforms(angles, height, width))
     elif augment == "crop_flip_cutout":
-      inside = cutout_mask(u[:, 3], u[:, 4], height, width)
+      inside = cutout_mask(u[:, 3], u[:, 4], height, width,
+                           size=int(cutout_size), inside=bool(cutout_inside))
       x = jnp.where(inside[..., None], jnp.float32(CUTOUT_FILL), x)
   else:  # simclr
     x = _in_chunks(functools.partial(_simclr_views, strength=strength), x, u)
@@ -646,7 +753,9 @@ def _simclr_views(x, u, *, strength: float):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def augment_views(key, images, *, augment: str, views: int | None = None,
                   strength: float = 0.5, padding: int = 4,
-                  max_degrees: float = 10.0) -> jax.Array:
+                  max_degrees: float = 10.0, padding_mode: str = "zero",
+                  cutout_size: int = 0,
+                  cutout_inside: bool = False) -> jax.Array:
   """Independently augmented views of a batch (jitted; options static).
 
   Args:
@@ -655,7 +764,8 @@ def augment_views(key, images, *, augment: str, views: int | None = None,
     augment: one of ``AUGMENTATIONS``.
     views: None for ``[B, H, W, C]`` output, or an int V for ``[B, V, H, W, C]``
       (V independently augmented views of each image, e.g. 2 for SimCLR).
-    strength, padding, max_degrees: see ``apply_augment``.
+    strength, padding, max_degrees, padding_mode, cutout_size,
+      cutout_inside: see ``apply_augment``.
 
   Returns:
     float32 views in [0, 1], ``[B, H, W, C]`` or ``[B, V, H, W, C]``.
@@ -664,7 +774,9 @@ def augment_views(key, images, *, augment: str, views: int | None = None,
   n_views = _check_views(views)
   u = sample_uniforms(key, images.shape[0], augment=augment, views=n_views)
   out = apply_augment(images, u, augment=augment, strength=strength,
-                      padding=padding, max_degrees=max_degrees)
+                      padding=padding, max_degrees=max_degrees,
+                      padding_mode=padding_mode, cutout_size=cutout_size,
+                      cutout_inside=cutout_inside)
   return out[:, 0] if views is None else out
 
 
@@ -677,23 +789,30 @@ def _check_views(views) -> int:
   return int(views)
 
 
-def crop_flip(key, images, *, padding: int = 4) -> jax.Array:
-  """Random crop of the zero-padded image plus horizontal flip.
+def crop_flip(key, images, *, padding: int = 4,
+              padding_mode: str = "zero") -> jax.Array:
+  """Random crop of the padded image plus horizontal flip.
 
   Args:
     key: PRNG key (one per batch; split per example).
     images: ``[B, H, W, C]`` uint8 or float in [0, 1].
-    padding: pixels of zero padding on each side (4 for CIFAR).
+    padding: pixels of padding on each side (4 for CIFAR).
+    padding_mode: ``"zero"`` or ``"reflect"`` (see ``apply_augment``).
 
   Returns:
     ``[B, H, W, C]`` float32 in [0, 1].
   """
-  return augment_views(key, images, augment="crop_flip", padding=padding)
+  return augment_views(key, images, augment="crop_flip", padding=padding,
+                       padding_mode=padding_mode)
 
 
-def crop_flip_cutout(key, images, *, padding: int = 4) -> jax.Array:
-  """``crop_flip`` then Cutout: a ``min(H, W) // 2`` square of ``CUTOUT_FILL``
-  centred uniformly in the image, clipped at its borders (``cutout_mask``).
+def crop_flip_cutout(key, images, *, padding: int = 4,
+                     padding_mode: str = "zero", cutout_size: int = 0,
+                     cutout_inside: bool = False) -> jax.Array:
+  """``crop_flip`` then Cutout: a square of ``CUTOUT_FILL`` of side
+  ``cutout_size`` (0: ``min(H, W) // 2``), by default centred uniformly in
+  the image and clipped at its borders, or with ``cutout_inside`` wholly
+  inside it (airbench; ``cutout_mask``).
 
   Returns ``[B, H, W, C]`` float32 in [0, 1].
 
@@ -702,17 +821,20 @@ def crop_flip_cutout(key, images, *, padding: int = 4) -> jax.Array:
     Networks with Cutout <https://arxiv.org/abs/1708.04552>`_, 2017.
   """
   return augment_views(key, images, augment="crop_flip_cutout",
-                       padding=padding)
+                       padding=padding, padding_mode=padding_mode,
+                       cutout_size=cutout_size, cutout_inside=cutout_inside)
 
 
 def crop_flip_rotate(key, images, *, padding: int = 4,
-                     max_degrees: float = 10.0) -> jax.Array:
+                     max_degrees: float = 10.0,
+                     padding_mode: str = "zero") -> jax.Array:
   """``crop_flip`` then a rotation uniform in ``[-max_degrees, max_degrees]``.
 
   Returns ``[B, H, W, C]`` float32 in [0, 1].
   """
   return augment_views(key, images, augment="crop_flip_rotate",
-                       padding=padding, max_degrees=max_degrees)
+                       padding=padding, max_degrees=max_degrees,
+                       padding_mode=padding_mode)
 
 
 def simclr_augment(key, images, *, strength: float = 0.5) -> jax.Array:

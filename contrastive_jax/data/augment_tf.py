@@ -118,7 +118,8 @@ def crop_resize(images, y_first, y_last, x_first, x_last, *,
   return out * scale if scale != 1.0 else out
 
 
-def crop_flip_positions(u, height: int, width: int, *, padding: int):
+def crop_flip_positions(u, height: int, width: int, *, padding: int,
+                        padding_mode: str = "zero"):
   """See ``augment_jax.crop_flip_positions``."""
   span = float(2 * padding + 1)
   dy = tf.minimum(tf.floor(u[:, 0] * span), span - 1) - padding
@@ -127,11 +128,36 @@ def crop_flip_positions(u, height: int, width: int, *, padding: int):
   ys = tf.range(height, dtype=tf.float32) + dy[:, None]
   cols = tf.range(width, dtype=tf.float32)
   cols = tf.where(flip[:, None], cols[::-1], cols)
-  return ys, cols + dx[:, None]
+  xs = cols + dx[:, None]
+  if padding_mode == "reflect":
+    ys, xs = reflect_index(ys, height), reflect_index(xs, width)
+  return ys, xs
 
 
-def _crop_flip(images, u, *, padding: int):
+def reflect_index(i, size: int):
+  """See ``augment_jax.reflect_index``."""
+  last = float(size - 1)
+  return last - tf.abs(last - tf.abs(i))
+
+
+def _crop_flip(images, u, *, padding: int, padding_mode: str = "zero"):
+  """The padded crop + flip of ``augment_jax.crop_flip_images``.
+
+  Zero padding: one batched ``crop_and_resize`` of the zero-padded image at
+  integer positions (exact up to float rounding). Reflect padding: the
+  reflected rows and columns (``crop_flip_positions``, integers, the same
+  pixels ``tf.pad(mode="REFLECT")`` then the crop would give) are gathered,
+  which is exact.
+  """
   _, height, width, _ = images.shape
+  _aj.check_options(padding=padding, padding_mode=padding_mode,
+                    height=height, width=width)
+  if padding_mode == "reflect":
+    ys, xs = crop_flip_positions(u, height, width, padding=padding,
+                                 padding_mode="reflect")
+    rows = tf.gather(images, tf.cast(ys, tf.int32), axis=1, batch_dims=1)
+    return to_float(tf.gather(rows, tf.cast(xs, tf.int32), axis=2,
+                              batch_dims=1))
   span = float(2 * padding + 1)
   dy = tf.minimum(tf.floor(u[:, 0] * span), span - 1) - padding
   dx = tf.minimum(tf.floor(u[:, 1] * span), span - 1) - padding
@@ -142,13 +168,22 @@ def _crop_flip(images, u, *, padding: int):
                      pad=padding + 1)
 
 
-def cutout_mask(u_y, u_x, height: int, width: int):
+def cutout_mask(u_y, u_x, height: int, width: int, *, size: int = 0,
+                inside: bool = False):
   """See ``augment_jax.cutout_mask``."""
-  size = min(height, width) // 2
-  cy = tf.cast(tf.minimum(tf.floor(u_y * height), height - 1), tf.int32)
-  cx = tf.cast(tf.minimum(tf.floor(u_x * width), width - 1), tf.int32)
-  rows = tf.range(height)[None, :] - (cy[:, None] - size // 2)
-  cols = tf.range(width)[None, :] - (cx[:, None] - size // 2)
+  if size == 0:
+    size = min(height, width) // 2
+  if inside:
+    top = tf.cast(tf.minimum(tf.floor(u_y * (height - size + 1)),
+                             height - size), tf.int32)
+    left = tf.cast(tf.minimum(tf.floor(u_x * (width - size + 1)),
+                              width - size), tf.int32)
+  else:
+    cy = tf.cast(tf.minimum(tf.floor(u_y * height), height - 1), tf.int32)
+    cx = tf.cast(tf.minimum(tf.floor(u_x * width), width - 1), tf.int32)
+    top, left = cy - size // 2, cx - size // 2
+  rows = tf.range(height)[None, :] - top[:, None]
+  cols = tf.range(width)[None, :] - left[:, None]
   in_rows = (rows >= 0) & (rows < size)
   in_cols = (cols >= 0) & (cols < size)
   return in_rows[:, :, None] & in_cols[:, None, :]
@@ -327,14 +362,17 @@ def color_jitter(images, u_factors, u_order, *, strength: float):
 
 
 def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
-                  padding: int = 4, max_degrees: float = 10.0):
+                  padding: int = 4, max_degrees: float = 10.0,
+                  padding_mode: str = "zero", cutout_size: int = 0,
+                  cutout_inside: bool = False):
   """Deterministic half of an augmentation: images + uniforms -> views.
 
   Args:
     images: ``[B, H, W, C]`` uint8 (0..255) or float (0..1), static H, W, C.
     uniforms: ``[B, V, num_uniforms(augment)]`` in [0, 1), static V.
     augment: one of ``AUGMENTATIONS``.
-    strength, padding, max_degrees: see ``augment_jax.apply_augment``.
+    strength, padding, max_degrees, padding_mode, cutout_size,
+      cutout_inside: see ``augment_jax.apply_augment``.
 
   Returns:
     ``[B, V, H, W, C]`` float32 in [0, 1].
@@ -344,6 +382,9 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
   if height is None or width is None or c is None:
     raise ValueError(
         f"images need static height, width and channels, got {images.shape}.")
+  _aj.check_options(augment, padding=padding, padding_mode=padding_mode,
+                    cutout_size=cutout_size, cutout_inside=cutout_inside,
+                    height=height, width=width)
   views = uniforms.shape[1]
   b = tf.shape(images)[0]
   x = images
@@ -357,12 +398,13 @@ def apply_augment(images, uniforms, *, augment: str, strength: float = 0.5,
   if augment == "none":
     x = to_float(x)
   elif augment in ("crop_flip", "crop_flip_rotate", "crop_flip_cutout"):
-    x = _crop_flip(x, u, padding=padding)
+    x = _crop_flip(x, u, padding=padding, padding_mode=padding_mode)
     if augment == "crop_flip_rotate":
       angles = (2.0 * u[:, 3] - 1.0) * (max_degrees * math.pi / 180.0)
       x = affine_resample(x, rotation_transforms(angles, height, width))
     elif augment == "crop_flip_cutout":
-      inside = cutout_mask(u[:, 3], u[:, 4], height, width)
+      inside = cutout_mask(u[:, 3], u[:, 4], height, width,
+                           size=int(cutout_size), inside=bool(cutout_inside))
       x = tf.where(inside[..., None], tf.constant(_aj.CUTOUT_FILL, tf.float32),
                    x)
   else:  # simclr

@@ -260,7 +260,9 @@ def _balanced_indices(k_cls, k_ex, labels, counts, present_counts, *,
 def make_batch(key, data: DeviceData, indices, step, *, augment: str = "none",
                views: int | None = None, mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None, strength: float = 0.5,
-               padding: int = 4, max_degrees: float = 10.0) -> dict:
+               padding: int = 4, max_degrees: float = 10.0,
+               padding_mode: str = "zero", cutout_size: int = 0,
+               cutout_inside: bool = False) -> dict:
   """Gathers ``indices`` and augments them (jit-able; options static).
 
   Args:
@@ -271,11 +273,16 @@ def make_batch(key, data: DeviceData, indices, step, *, augment: str = "none",
     augment: one of ``augment_jax.AUGMENTATIONS``.
     views: None for ``[B, H, W, C]``; an int V for ``[B, V, H, W, C]``.
     mean, std: per-channel normalisation (both or neither; None: [0, 1]).
-    strength, padding, max_degrees: see ``augment_jax.apply_augment``.
+    strength, padding, max_degrees, padding_mode, cutout_size,
+      cutout_inside: see ``augment_jax.apply_augment``.
 
   Returns:
     ``{"image": float32 [B, (V,) H, W, C], "label": int32 [B]}``.
   """
+  augment_jax.check_options(
+      augment, padding=padding, padding_mode=padding_mode,
+      cutout_size=cutout_size, cutout_inside=cutout_inside,
+      height=data.images.shape[1], width=data.images.shape[2])
   images = jnp.take(data.images, indices, axis=0)
   labels = jnp.take(data.labels, indices, axis=0)
   k = jax.random.fold_in(jax.random.fold_in(key, _AUGMENT), step)
@@ -286,7 +293,10 @@ def make_batch(key, data: DeviceData, indices, step, *, augment: str = "none",
   else:
     x = augment_jax.augment_views(k, images, augment=augment, views=views,
                                   strength=strength, padding=padding,
-                                  max_degrees=max_degrees)
+                                  max_degrees=max_degrees,
+                                  padding_mode=padding_mode,
+                                  cutout_size=cutout_size,
+                                  cutout_inside=cutout_inside)
   if (mean is None) != (std is None):
     raise ValueError("pass both mean and std, or neither.")
   if mean is not None:
@@ -302,7 +312,8 @@ def sample_batch(key, data: DeviceData, step, *, batch_size: int,
                  examples_per_class: int | None = None,
                  num_classes: int | None = None,
                  strength: float = 0.5, padding: int = 4,
-                 max_degrees: float = 10.0) -> dict:
+                 max_degrees: float = 10.0, padding_mode: str = "zero",
+                 cutout_size: int = 0, cutout_inside: bool = False) -> dict:
   """Training batch ``step``, as a pure function of ``(key, data, step)``.
 
   Jit it with the options static (``device_batches`` does), or call it inside
@@ -314,8 +325,8 @@ def sample_batch(key, data: DeviceData, step, *, batch_size: int,
     data: ``DeviceData`` (N examples).
     step: batch number; epoch ``step // (N // batch_size)``.
     batch_size: examples per batch.
-    augment, views, mean, std, strength, padding, max_degrees: see
-      ``make_batch``.
+    augment, views, mean, std, strength, padding, max_degrees, padding_mode,
+      cutout_size, cutout_inside: see ``make_batch``.
     classes_per_batch, examples_per_class, num_classes: P, K and C for
       class-balanced batches (``P * K == batch_size``); default: uniform.
 
@@ -333,7 +344,8 @@ def sample_batch(key, data: DeviceData, step, *, batch_size: int,
         examples_per_class=examples_per_class)
   return make_batch(key, data, idx, step, augment=augment, views=views,
                     mean=mean, std=std, strength=strength, padding=padding,
-                    max_degrees=max_degrees)
+                    max_degrees=max_degrees, padding_mode=padding_mode,
+                    cutout_size=cutout_size, cutout_inside=cutout_inside)
 
 
 def _check_pk(p, k, batch_size, num_classes):
@@ -361,7 +373,9 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
                    num_classes: int | None = None,
                    start_step: int = 0, num_steps: int | None = None,
                    strength: float = 0.5, padding: int = 4,
-                   max_degrees: float = 10.0) -> Iterator[dict]:
+                   max_degrees: float = 10.0, padding_mode: str = "zero",
+                   cutout_size: int = 0,
+                   cutout_inside: bool = False) -> Iterator[dict]:
   """Iterates training batches on device, from ``start_step`` on.
 
   Batch ``s`` equals ``sample_batch(key, data, s, ...)`` for unsharded data.
@@ -387,6 +401,10 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
   """
   augment_jax.check_augment(augment)
   augment_jax._check_views(views)  # pylint: disable=protected-access
+  augment_jax.check_options(
+      augment, padding=padding, padding_mode=padding_mode,
+      cutout_size=cutout_size, cutout_inside=cutout_inside,
+      height=data.images.shape[1], width=data.images.shape[2])
   if isinstance(batch_size, bool) or not isinstance(
       batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
@@ -394,7 +412,9 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
   opts = dict(augment=augment, views=views,
               mean=None if mean is None else tuple(mean),
               std=None if std is None else tuple(std), strength=strength,
-              padding=padding, max_degrees=max_degrees)
+              padding=padding, max_degrees=max_degrees,
+              padding_mode=padding_mode, cutout_size=int(cutout_size),
+              cutout_inside=bool(cutout_inside))
   sharding = getattr(data.images, "sharding", None)
   axes = _data_axes(sharding)
   shards = _num_shards(sharding) if axes else 1

@@ -134,6 +134,9 @@ def build_tf_dataset(
     strength: float = 0.5,
     padding: int = 4,
     max_degrees: float = 10.0,
+    padding_mode: str = "zero",
+    cutout_size: int = 0,
+    cutout_inside: bool = False,
     classes_per_batch: int | None = None,
     examples_per_class: int | None = None,
     start_step: int = 0,
@@ -161,7 +164,9 @@ def build_tf_dataset(
     views: None for ``image [B, H, W, C]``; an int V for ``[B, V, H, W, C]``,
       V independently augmented views of each image (2 for SimCLR/SupCon).
     seed: seeds the order and the augmentations.
-    strength, padding, max_degrees: augmentation options.
+    strength, padding, max_degrees, padding_mode, cutout_size,
+      cutout_inside: augmentation options; see
+      ``augment_jax.apply_augment``.
     classes_per_batch, examples_per_class: P and K of class-balanced batches
       (training only; ``P * K == global_batch_size``).
     start_step: batches already consumed (resume: the stream continues at the
@@ -181,6 +186,9 @@ def build_tf_dataset(
   sources.check_split(split)
   augment_jax.check_augment(augment)
   n_views = augment_jax._check_views(views)  # pylint: disable=protected-access
+  aug_opts = dict(padding=padding, padding_mode=padding_mode,
+                  cutout_size=cutout_size, cutout_inside=cutout_inside)
+  augment_jax.check_options(augment, **aug_opts)  # the values, before reading
   train = split in ("train", "train_full") if train is None else bool(train)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -215,6 +223,8 @@ def build_tf_dataset(
     shape = images.shape[1:]
     channels = shape[-1]
   mean, std = _resolve_stats(name, channels, normalize, mean, std)
+  augment_jax.check_options(augment, height=shape[0], width=shape[1],
+                            **aug_opts)
 
   base = tf.constant([seed, process_index], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
@@ -298,8 +308,8 @@ def build_tf_dataset(
     img = ex["image"] if files is not None else tf.gather(images_v, ex["index"])
     if needs_uniforms:
       x = augment_tf.apply_augment(img, ex["uniforms"], augment=augment,
-                                   strength=strength, padding=padding,
-                                   max_degrees=max_degrees)
+                                   strength=strength, max_degrees=max_degrees,
+                                   **aug_opts)
     else:
       x = augment_tf.to_float(img)[:, None]
       if n_views > 1:

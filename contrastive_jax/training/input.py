@@ -95,7 +95,10 @@ class TrainInput:
     p, k = _pk(config)
     mean, std = normalization(config, self.image_shape[-1])
     aug = dict(strength=dc.get("strength", 0.5), padding=dc.get("padding", 4),
-               max_degrees=dc.get("max_degrees", 10.0))
+               max_degrees=dc.get("max_degrees", 10.0),
+               padding_mode=dc.get("padding_mode", "zero"),
+               cutout_size=dc.get("cutout_size", 0),
+               cutout_inside=dc.get("cutout_inside", False))
     if config.input == "device":
       arrays = self._arrays
       if dc.get("shard_on_device", False):

@@ -16,7 +16,12 @@ def base_config() -> ml_collections.ConfigDict:
       shard_on_device=False,
       classes_per_batch=0,  # P x K class-balanced batches when both set
       examples_per_class=0,
-      strength=0.5, padding=4, max_degrees=10.0))
+      strength=0.5, padding=4, max_degrees=10.0,
+      # The crop's border ("zero", or "reflect" as airbench), and Cutout's
+      # square ("crop_flip_cutout"): side cutout_size (0: min(H, W) // 2),
+      # centred anywhere and clipped (False) or wholly inside (True,
+      # airbench). See contrastive_jax.data.augment_jax.
+      padding_mode="zero", cutout_size=0, cutout_inside=False))
   c.batch_size = 256
   c.num_steps = 0          # > 0 overrides num_epochs
   c.num_epochs = 10
@@ -94,9 +99,9 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.backbone = "resnet"
     c.model.backbone_kwargs = dict(stage_sizes=(1, 1), num_filters=8)
   elif c.model.backbone == "fast_cnn":
-    c.model.backbone_kwargs = dict(
-        widths=(8, 16, 16), stem_width=0,
-        whiten_size=c.model.backbone_kwargs.get("whiten_size", 0))
+    # The same layout (whitening, airbench's options), narrower.
+    c.model.backbone_kwargs = dict(c.model.backbone_kwargs, widths=(8, 16, 16),
+                                   stem_width=0)
   elif c.model.backbone == "small_cnn":
     c.model.backbone_kwargs = dict(features=(8, 16), embedding_dim=32)
   elif c.model.backbone == "conv_autoencoder":
