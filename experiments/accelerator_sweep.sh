@@ -21,6 +21,10 @@
 # end: one line per run from its results.json. $OUT/sweep.tgz holds each
 # run's results.json, metrics.jsonl and log (no checkpoints).
 #
+# SWEEP_SEQUENTIAL=1 runs them one after another instead, each alone on the
+# GPU (with all of its memory): each run's images/s and training time are
+# then its own, and SWEEP_TIMEOUT_S applies to each run.
+#
 # CPU smoke test (two tiny runs, about a minute):
 #
 #   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/sweep_out JAX_PLATFORMS=cpu bash experiments/accelerator_sweep.sh \
@@ -35,7 +39,10 @@ root=$(mktemp -d /tmp/sweep.XXXXXX)
 mkdir -p "$out"
 timeout_s=${SWEEP_TIMEOUT_S:-380}
 train_s=${SWEEP_TRAIN_S:-$((timeout_s - 120))}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${SWEEP_MEM_FRACTION:-$(python3 -c "print(round(0.9 / max(1, $#), 3))")}
+sequential=${SWEEP_SEQUENTIAL:-0}
+sharing=$#
+[ "$sequential" = 1 ] && sharing=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${SWEEP_MEM_FRACTION:-$(python3 -c "print(round(0.9 / max(1, $sharing), 3))")}
 
 names=()
 for spec in "$@"; do
@@ -47,8 +54,10 @@ for spec in "$@"; do
       $flags --config.data_dir=./.data --config.max_train_seconds="$train_s" \
       --workdir="$root/$name/workdir" \
       > "$root/$name/log" 2>&1 &
+  [ "$sequential" = 1 ] && wait
 done
-echo "started ${#names[@]} runs: ${names[*]} (memory fraction $XLA_PYTHON_CLIENT_MEM_FRACTION each;" \
+echo "ran ${#names[@]} runs $([ "$sequential" = 1 ] && echo "one after another" || echo "side by side"):" \
+     "${names[*]} (memory fraction $XLA_PYTHON_CLIENT_MEM_FRACTION each;" \
      "training stops after $train_s s, each run is killed after $timeout_s s)"
 wait
 
@@ -58,7 +67,7 @@ for name in "${names[@]}"; do
     [ -f "$w/$f" ] && cp "$w/$f" "$root/$name/$f"
   done
   rm -rf "$w"
-  python3 - "$name" "$root/$name" "${#names[@]}" <<'PY'
+  python3 - "$name" "$root/$name" "$sharing" <<'PY'
 import json, os, sys
 name, d, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 try:

@@ -159,6 +159,32 @@ def test_cifar_config_variants():
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 
 
+def test_cifar_config_airbench():
+  path = str(REPO / "experiments/configs/cifar10_gpu.py")
+  a = ac.load_config(path, "airbench")
+  momentum = 0.85
+  kilo = 1024 * (1 + 1 / (1 - momentum))  # airbench96's kilostep_scale
+  # torch's lr 9 / kilo on the summed loss of 1024 is lr * 1024 on the mean;
+  # its coupled decay (0.012 * 1024 / kilo) / lr is then 0.012 / 9.
+  assert a.batch_size == 1024 and a.optimizer.momentum == momentum
+  assert a.optimizer.learning_rate == pytest.approx(9.0 / kilo * 1024)
+  assert a.optimizer.weight_decay == pytest.approx(
+      (0.012 * 1024 / kilo) / (9.0 / kilo) / 1024)
+  assert a.optimizer.norm_bias_grad_scale == 64 and a.optimizer.weight_decay_all
+  assert a.optimizer.schedule == "warmup_linear" and a.lookahead_period == 5
+  assert a.model.backbone_kwargs.convs_per_group == 3
+  assert a.model.classifier_kwargs.logit_scale == pytest.approx(1 / 9)
+  assert a.data.padding_mode == "reflect" and a.data.cutout_size == 12
+  assert a.loss.name == "supervised_contrastive" and a.loss.label_smoothing == 0.2
+  # The smoke size keeps airbench's layout, narrower.
+  small = ac.load_config(path, "airbench,runlocal")
+  assert small.model.backbone_kwargs.convs_per_group == 3
+  assert not small.model.backbone_kwargs.norm_scale
+  assert small.model.backbone_kwargs.widths == (8, 16, 16)
+  with pytest.raises(ValueError, match="airbench sets its own"):
+    ac.load_config(path, "airbench,resnet18")
+
+
 def test_auto_block_size_on_cpu():
   assert ac.auto_block_size(1 << 20) == 4096  # CPU: no memory limit known
 
