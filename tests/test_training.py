@@ -16,6 +16,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -23,6 +24,7 @@ from PIL import Image
 
 from contrastive_jax import training
 from contrastive_jax.training import state as state_lib
+from contrastive_jax.training import step as step_lib
 from experiments.configs import autoencoder_cifar10
 from experiments.configs import digits
 from experiments.configs import hashing_cifar10
@@ -407,7 +409,6 @@ def test_tf_input_path_one_step(tmp_path):
 
 
 def test_guard_traces_counts_per_function():
-  from contrastive_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   make = lambda: jax.jit(step_lib.guard_traces(
       lambda state, x: (state, x * 2), max_traces=1, name="the step"))
   f, g = make(), make()
@@ -697,3 +698,143 @@ def test_batchnorm_backward_variants_train_identically_on_8_devices():
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   # The steps did move the weights.
   assert runs["autodiff"][0][0] != runs["autodiff"][0][1]
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ----------------------------------------------------------- lookahead
+
+
+class _AirbenchLookahead:
+  """airbench96's ``LookaheadState`` and its calls, in NumPy."""
+
+  def __init__(self, net, total):
+    self.ema = {k: v.copy() for k, v in net.items()}
+    self.alpha = 0.95 ** 5 * (np.arange(total + 1) / total) ** 3
+    self.total = total
+
+  def update(self, net, decay):
+    for k, v in net.items():
+      if v.dtype.kind == "f":
+        self.ema[k] += (1 - decay) * (v - self.ema[k])  # lerp_(net, 1-decay)
+        net[k] = self.ema[k].copy()
+
+  def after_step(self, net, current_steps):
+    if current_steps % 5 == 0:
+      self.update(net, self.alpha[current_steps])
+    if current_steps >= self.total:
+      self.update(net, 1.0)
+
+
+@pytest.mark.parametrize("total", [12, 10])
+def test_lookahead_update_is_airbench(total):
+  """12: the last step is no sync step; 10: the periodic update, then the
+  final one, on the same step."""
+  rng = np.random.default_rng(2)
+  fast = {"params": {"w": rng.standard_normal((3, 2)).astype(np.float32)},
+          "batch_stats": {"mean": rng.standard_normal(2).astype(np.float32),
+                          "count": np.arange(2, dtype=np.int32)}}
+  slow = jax.tree.map(np.copy, fast)
+  ref_net = {k: v.astype(np.float64) if v.dtype.kind == "f" else v.copy()
+             for k, v in _flat(fast).items()}
+  ref = _AirbenchLookahead(ref_net, total)
+  update = jax.jit(lambda f, s, t: step_lib.lookahead_update(
+      f, s, t, total_steps=total, period=5, decay=0.95 ** 5, power=3.0))
+  synced = []
+  for t in range(1, total + 1):
+    delta = jax.tree.map(
+        lambda x: (rng.standard_normal(x.shape) if x.dtype.kind == "f" else
+                   np.ones(x.shape)).astype(x.dtype), fast)
+    fast = jax.tree.map(lambda x, d: np.asarray(x) + d, fast, delta)  # "SGD"
+    for k, d in _flat(delta).items():
+      ref_net[k] = ref_net[k] + d
+    ref.after_step(ref_net, t)
+    fast, slow = update(fast, slow, jnp.int32(t))
+    for k, v in _flat(fast).items():
+      np.testing.assert_allclose(v, ref_net[k], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"fast {k} at step {t}")
+    for k, v in _flat(slow).items():
+      if k != "batch_stats/count":  # not float: airbench keeps no copy
+        np.testing.assert_allclose(v, ref.ema[k], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"slow {k} at step {t}")
+    synced.append(all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(fast["params"]), jax.tree.leaves(slow["params"]))))
+  assert synced == [t % 5 == 0 or t == total for t in range(1, total + 1)]
+  # The integer leaf is the fast one's, untouched.
+  np.testing.assert_array_equal(fast["batch_stats"]["count"],
+                                np.arange(2) + total)
+
+
+def _lookahead_digits(**kw):
+  """``_small_digits``: 5 steps, lookahead every 2, no EMA."""
+  return _small_digits(**{"num_steps": 5, "ema_decay": 0.0,
+                          "lookahead_period": 2, **kw})
+
+
+def test_lookahead_train_step_ends_on_the_slow_weights(tmp_path):
+  """A 5-step digits run on 8 devices (lookahead every 2 steps, airbench's
+  SGD options): synced at steps 2, 4, 5 only, the last sync (decay 1) keeps
+  the slow weights, one compilation (the step is guarded), and the run
+  trains. ``backbone/output`` is frozen after 0.15 epochs of 19 steps:
+  updated at steps 1 and 2 only (the loop passes ``steps_per_epoch``)."""
+  c = _lookahead_digits()
+  c.optimizer.update(dict(
+      name="sgd", learning_rate=0.1, momentum=0.85, nesterov=True,
+      weight_decay=1e-3, weight_decay_all=True, norm_bias_grad_scale=64.0,
+      schedule="warmup_linear", warmup_steps=1, warmup_init_factor=0.2,
+      freeze_after_epochs={"backbone/output": 0.15}))
+  c.checkpoint.every_steps = 1
+  c.checkpoint.keep = 10
+  c.checkpoint.async_save = False
+  res = training.train_and_evaluate(c, str(tmp_path))
+  assert res["status"] == "completed" and res["step"] == 5
+  assert np.isfinite(res["final_loss"])
+  mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"),
+                               item_names=("state", "meta"))
+  states = {s: mngr.restore(s, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"] for s in range(1, 6)}
+  mngr.close()
+
+  def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                    jax.tree.leaves(b)))
+
+  for s, st in states.items():
+    assert st["ema"]["batch_stats"], "BatchNorm statistics are in the copy"
+    synced = same(st["params"], st["ema"]["params"]) and same(
+        st["batch_stats"], st["ema"]["batch_stats"])
+    assert synced == (s in (2, 4, 5)), s
+  # The slow weights move at the sync steps only.
+  assert not same(states[1]["ema"]["params"], states[2]["ema"]["params"])
+  assert same(states[2]["ema"], states[3]["ema"])
+  assert not same(states[3]["ema"]["params"], states[4]["ema"]["params"])
+  # The final update (decay 1.0) keeps the slow weights and resets the fast.
+  assert same(states[5]["ema"], states[4]["ema"])
+  assert not same(states[5]["ema"]["params"], states[1]["ema"]["params"])
+  frozen = [st["params"]["backbone"]["output"] for s, st in
+            sorted(states.items())]
+  assert not same(frozen[0], frozen[1])
+  assert all(same(frozen[1], f) for f in frozen[2:])
+  assert not same(states[2]["params"]["backbone"]["hidden_0"],
+                  states[3]["params"]["backbone"]["hidden_0"])
+
+
+def test_lookahead_config_errors():
+  with pytest.raises(ValueError, match="ema_decay > 0 and lookahead_period"):
+    training.make_train_step(None, None, None,
+                             _lookahead_digits(ema_decay=0.9), None,
+                             total_steps=5)
+  with pytest.raises(ValueError, match="needs the run's total_steps"):
+    training.make_train_step(None, None, None, _lookahead_digits(), None)
+  with pytest.raises(ValueError, match="lookahead_period must be an integer"):
+    step_lib.lookahead_settings(_lookahead_digits(lookahead_period=-1))
+  with pytest.raises(ValueError, match=r"lookahead_decay must be in \[0, 1\]"):
+    step_lib.lookahead_settings(_lookahead_digits(lookahead_decay=1.5))
+  assert step_lib.lookahead_settings(_lookahead_digits()) == (
+      2, 0.95 ** 5, 3.0)
+  # Off by default; then ema_decay is free.
+  assert step_lib.lookahead_settings(ml_collections.ConfigDict(
+      dict(ema_decay=0.9)))[0] == 0

@@ -81,6 +81,16 @@ BatchNorm + ReLU backward pass recomputed (``nn.remat``) or written out
 intermediates (``contrastive_jax.models.norm``): the same model, fewer
 bytes moved per step. Not yet run on a GPU; ``accelerator_check
 --parts=train_step --train_step_norm=autodiff,remat,custom`` times them.
+``airbench``: airbench96's whole recipe (``airbench96`` below: its network
+``FastCNN(128, 512, 512)`` with three convolutions per group, per-group SGD,
+triangular schedule, lookahead, 4-pixel reflect translations, Cutout 12,
+logits x 1/9), 35 epochs at batch 1024, the SupCon term kept
+(``--config.loss.name=`` for airbench's cross-entropy alone). airbench96
+reports 96.0% on the CIFAR-10 test set in 46 s of an A100 (31 epochs of
+50,000 PNG images); this data's JPEG re-encoding and 45,000 training images
+cost perhaps a point. Not yet run on a GPU; on the 2-core CPU at widths
+(32, 128, 128), 4 epochs: see experiments/RESULTS.md. Alone; it sets its
+own network, optimizer and augmentation.
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
 a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth,cutout``.
 """
