@@ -186,7 +186,8 @@ class FastCNN(nn.Module):
 
     airbench96's network is ``FastCNN(widths=(128, 512, 512), stem_width=0,
     whiten_size=2, whiten_padding="VALID", convs_per_group=3,
-    norm_scale=False, norm_epsilon=1e-12, torch_init=True)``: a third
+    norm_scale=False, norm_epsilon=1e-12, torch_init=True,
+    gelu_approximate=False)``: a third
     convolution per group, with a residual around the last two (``conv1 ->
     pool -> BN -> GELU`` gives ``x0``; then ``conv2 -> BN -> GELU -> conv3 ->
     BN``, plus ``x0``, then GELU), BatchNorm with its scale fixed at 1, and
@@ -211,6 +212,8 @@ class FastCNN(nn.Module):
             ``1 / sqrt(fan_in)``, a third of flax's variance), with the first
             ``C_in`` filters of each convolution set to the identity (Dirac),
             as airbench does; otherwise flax's LeCun normal.
+        gelu_approximate: flax's tanh approximation of GELU (default), or
+            the exact erf form (PyTorch's ``nn.GELU()``, airbench's).
         bn_momentum: BatchNorm running-average momentum (flax convention).
         axis_name: mapped axis over which BatchNorm statistics are averaged.
         dtype: computation dtype.
@@ -232,6 +235,7 @@ class FastCNN(nn.Module):
     norm_scale: bool = True
     norm_epsilon: float = 1e-5
     torch_init: bool = False
+    gelu_approximate: bool = True
     bn_momentum: float = 0.9
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
@@ -246,6 +250,7 @@ class FastCNN(nn.Module):
             raise ValueError(
                 f"whiten_padding must be 'SAME' or 'VALID', got {self.whiten_padding!r}.")
         init = {"kernel_init": torch_dirac_init} if self.torch_init else {}
+        gelu = functools.partial(nn.gelu, approximate=self.gelu_approximate)
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
                                  conv_general_dilated=conv_general_dilated,
                                  dtype=self.dtype, param_dtype=self.param_dtype, **init)
@@ -267,19 +272,19 @@ class FastCNN(nn.Module):
                 jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), (1, 1),
                 self.whiten_padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            x = nn.gelu(x + jnp.asarray(bias, self.dtype))
+            x = gelu(x + jnp.asarray(bias, self.dtype))
         x = jnp.asarray(x, self.dtype)
         if self.stem_width:
-            x = nn.gelu(norm(name="stem_norm")(conv(self.stem_width, name="stem")(x)))
+            x = gelu(norm(name="stem_norm")(conv(self.stem_width, name="stem")(x)))
         for i, width in enumerate(self.widths):
             x = _max_pool_2x2(conv(width, name=f"group{i}_conv1")(x), self.whiten_padding)
-            x = nn.gelu(norm(name=f"group{i}_norm1")(x))
+            x = gelu(norm(name=f"group{i}_norm1")(x))
             x0 = x
             x = conv(width, name=f"group{i}_conv2")(x)
             x = norm(name=f"group{i}_norm2")(x)
             if self.convs_per_group == 3:
-                x = nn.gelu(x)
+                x = gelu(x)
                 x = conv(width, name=f"group{i}_conv3")(x)
                 x = norm(name=f"group{i}_norm3")(x) + x0
-            x = nn.gelu(x)
+            x = gelu(x)
         return jnp.max(x, axis=(1, 2))

@@ -128,7 +128,8 @@ def airbench96(c):
   c.model.backbone = "fast_cnn"
   c.model.backbone_kwargs = dict(
       widths=(128, 512, 512), stem_width=0, whiten_size=2, whiten_padding="VALID",
-      convs_per_group=3, norm_scale=False, norm_epsilon=1e-12, torch_init=True)
+      convs_per_group=3, norm_scale=False, norm_epsilon=1e-12, torch_init=True,
+      gelu_approximate=False)
   c.model.classifier_kwargs = dict(use_bias=False, logit_scale=1 / 9, torch_init=True)
   c.loss.label_smoothing = 0.2
   # The logits' 1/9 scales the cross-entropy's gradient into the network by
