@@ -176,6 +176,7 @@ def test_cifar_config_airbench():
   assert a.model.classifier_kwargs.logit_scale == pytest.approx(1 / 9)
   assert a.data.padding_mode == "reflect" and a.data.cutout_size == 12
   assert a.loss.name == "supervised_contrastive" and a.loss.label_smoothing == 0.2
+  assert a.model.whiten_init_images == 5000
   assert a.loss.weight == 0.05  # a 1/9 of the ResNet recipe's 0.5 (logit scale)
   # The smoke size keeps airbench's layout, narrower.
   small = ac.load_config(path, "airbench,runlocal")

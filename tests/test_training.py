@@ -466,6 +466,12 @@ def test_build_whitens_on_the_first_training_images():
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(state.ema["batch_stats"]["backbone"]["whiten_kernel"],
                              kernel)
+  # config.model.whiten_init_images picks how many (airbench: 5,000).
+  c.model.whiten_init_images = 300
+  _, _, _, _, state = loop.build(c, mesh, data, steps=3)
+  np.testing.assert_allclose(
+      state.batch_stats["backbone"]["whiten_kernel"],
+      models.patch_whitening_kernel(jnp.asarray(images[:300])), rtol=1e-4, atol=1e-4)
 
 
 def test_weight_average_follows_its_recurrence():

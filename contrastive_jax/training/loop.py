@@ -87,7 +87,8 @@ def build(config, mesh, train_input, *, steps: int):
     # The whitening layer's filters are computed from the images of the init
     # call; ~1M patches estimate its small covariance well. (A restore
     # overwrites them, so callers without data may init on zeros.)
-    init_input = train_input.init_images(_WHITEN_INIT_IMAGES)
+    init_input = train_input.init_images(
+        int(config.model.get("whiten_init_images", _WHITEN_INIT_IMAGES)))
   state = state_lib.create_train_state(
       init_model, tx, sample_input=init_input, key=jax.random.fold_in(key, 0),
       ema=(float(config.get("ema_decay", 0.0)) > 0

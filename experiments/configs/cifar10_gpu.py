@@ -131,6 +131,7 @@ def airbench96(c):
       convs_per_group=3, norm_scale=False, norm_epsilon=1e-12, torch_init=True,
       gelu_approximate=False)
   c.model.classifier_kwargs = dict(use_bias=False, logit_scale=1 / 9, torch_init=True)
+  c.model.whiten_init_images = 5000  # airbench's whitening statistics
   c.loss.label_smoothing = 0.2
   # The logits' 1/9 scales the cross-entropy's gradient into the network by
   # 1/9 too, which airbench's large learning rate makes up for; the SupCon
