@@ -435,7 +435,7 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
   if balanced:
     class_counts = _shard_class_counts(data, sharding, axes, shards,
                                        num_classes)
-    _check_shard_classes(class_counts, classes_per_batch)
+    check_class_shards(class_counts, classes_per_batch)
 
   if not axes:
     if balanced:
@@ -534,13 +534,16 @@ def _shard_class_counts(data: DeviceData, sharding, axes, shards: int,
   return np.asarray(fn(data.labels))
 
 
-def _check_shard_classes(counts: np.ndarray, classes_per_batch: int) -> None:
+def check_class_shards(counts: np.ndarray, classes_per_batch: int, *,
+                       unit: str = "shard") -> None:
   """Refuses a P x K draw that would repeat or substitute examples.
 
-  Every step draws ``classes_per_batch`` classes among those present in the
-  split, and each shard must then give K examples of its share of them; a
-  class absent from a shard (or fewer present classes than P) would
-  silently yield other examples.
+  ``counts [S, C]``: each shard's class counts (the shards of one split:
+  devices here, processes in ``pipeline``, which calls this with
+  ``unit="process"``). Every step draws ``classes_per_batch`` classes among
+  those present in the split, and each shard must then give K examples of
+  its share of them; a class absent from a shard (or fewer present classes
+  than P) would silently yield other examples.
   """
   present = counts.sum(0) > 0
   if int(present.sum()) < classes_per_batch:
@@ -551,12 +554,12 @@ def _check_shard_classes(counts: np.ndarray, classes_per_batch: int) -> None:
     missing = np.flatnonzero(present & (row == 0))
     if missing.size:
       raise ValueError(
-          f"classes_per_batch: shard {s} of {counts.shape[0]} holds no example"
+          f"classes_per_batch: {unit} {s} of {counts.shape[0]} holds no example"
           f" of classes {missing.tolist()[:10]} (and has"
           f" {int(np.sum(row > 0))} of the split's {int(present.sum())}"
-          " classes). Every shard draws its share of each step's classes from"
-          " its own examples, so every shard must hold every class: use fewer"
-          " shards, more examples per class, or an unsharded split.")
+          f" classes). Every {unit} draws its share of each step's classes from"
+          f" its own examples, so every {unit} must hold every class: each"
+          f" class needs at least {counts.shape[0]} examples.")
 
 
 def device_eval_batches(data: DeviceData, *, batch_size: int,

@@ -52,6 +52,7 @@ import jax
 import numpy as np
 
 from contrastive_jax.data import augment_jax
+from contrastive_jax.data import on_device
 from contrastive_jax.data import sources
 
 _MAX_INT64 = 2**62
@@ -361,26 +362,16 @@ def _check_process_classes(all_labels: np.ndarray, classes_per_batch: int,
   Each process takes its share of every step's P classes from a draw shared
   by all processes, so any class may be asked of any process: the split
   needs P classes and every shard ``all_labels[i::process_count]`` every
-  class. Checked on the whole split, so every process fails alike.
+  class (``on_device.check_class_shards``). Checked on the whole split, so
+  every process fails alike.
   """
   all_labels = np.asarray(all_labels)
-  counts = np.bincount(all_labels).astype(np.int32)
-  present = counts > 0
-  if int(present.sum()) < classes_per_batch:
-    raise ValueError(
-        f"classes_per_batch={classes_per_batch} exceeds the"
-        f" {int(present.sum())} classes of the split.")
-  for i in range(process_count):
-    shard = np.bincount(all_labels[i::process_count], minlength=len(counts))
-    missing = np.flatnonzero(present & (shard == 0))
-    if missing.size:
-      raise ValueError(
-          f"classes_per_batch: the shard of process {i} of {process_count}"
-          f" holds no example of classes {missing.tolist()[:10]}. Every"
-          " process draws its share of each step's classes from its own"
-          " shard, so every shard must hold every class: each class needs at"
-          f" least {process_count} examples.")
-  return counts
+  num_classes = int(all_labels.max()) + 1
+  shards = np.stack([np.bincount(all_labels[i::process_count],
+                                 minlength=num_classes)
+                     for i in range(process_count)])
+  on_device.check_class_shards(shards, classes_per_batch, unit="process")
+  return shards.sum(0).astype(np.int32)
 
 
 def _class_table(labels: np.ndarray, num_classes: int | None = None
