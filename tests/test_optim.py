@@ -178,7 +178,7 @@ def test_norm_bias_detection():
             "Dense_0": {"bias": 0, "kernel": 0}, "whiten_bias": 0,
             "backbone": {"whiten_bias": 0, "norm": {"kernel": 0}}}
   flagged = sorted(
-      "/".join(optim._names(path))  # pylint: disable=protected-access
+      optim._path_str(path)  # pylint: disable=protected-access
       for path, _ in jax.tree_util.tree_leaves_with_path(params)
       if optim.is_norm_bias(path))
   assert flagged == ["BatchNorm_0/bias", "group0_norm1/bias", "stem_NORM/bias"]

@@ -110,24 +110,16 @@ def _decay_all(params):
   return jax.tree.map(lambda _: True, params)
 
 
-def _names(path) -> tuple[str, ...]:
-  """The keys of a ``tree_map_with_path`` path, as strings."""
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
+def _path_str(path) -> str:
+  """A ``tree_map_with_path`` path as ``"backbone/group0_norm1/bias"``."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def is_norm_bias(path) -> bool:
   """Whether a parameter path is a normalisation layer's bias: a leaf named
   ``bias`` whose module's name contains ``norm`` (any case), e.g.
   ``group0_norm1/bias`` or ``BatchNorm_0/bias``."""
-  names = _names(path)
+  names = _path_str(path).split("/")
   return (len(names) >= 2 and names[-1] == "bias"
           and "norm" in names[-2].lower())
 
@@ -159,14 +151,14 @@ def freeze_after_steps(thresholds: dict[str, int]) -> optax.GradientTransformati
   """
 
   def threshold(path):
-    joined = "/".join(_names(path))
+    joined = _path_str(path)
     hits = [t for k, t in thresholds.items() if k in joined]
     return min(hits) if hits else None
 
   def init(params):
-    paths = [_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for key in thresholds:
-      if not any(key in "/".join(p) for p in paths):
+      if not any(key in p for p in paths):
         raise ValueError(
             f"optimizer.freeze_after_epochs: {key!r} names no parameter"
             " (keys are matched against the '/'-joined parameter paths).")
