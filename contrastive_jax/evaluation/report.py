@@ -495,8 +495,7 @@ def evaluate_workdir(workdir: str, split: str = "validation", *,
       "workdir": p.run.workdir, "split": p.split, "step": p.run.step,
       "dataset": p.run.config.dataset, "tta_flip": bool(tta_flip),
       "tta_translate": bool(tta_translate),
-      "weights": "average" if ((p.run.config.get("ema_decay", 0.0)
-                                or p.run.config.get("lookahead_period", 0))
+      "weights": "average" if (loop.keeps_average(p.run.config)
                                and not online) else "online",
       "num_train": int(p.train_labels.shape[0]),
       "num_queries": int(p.query_labels.shape[0]),

@@ -66,6 +66,14 @@ def total_steps(config, num_train: int) -> int:
   return int(config.num_epochs) * (num_train // int(config.batch_size))
 
 
+def keeps_average(config) -> bool:
+  """Whether the run keeps a second copy of the weights in ``state.ema``
+  (an average with ``ema_decay > 0``, lookahead's slow weights with
+  ``lookahead_period > 0``), which evaluation then uses."""
+  return (float(config.get("ema_decay", 0.0)) > 0
+          or step_lib.lookahead_settings(config)[0] > 0)
+
+
 def build(config, mesh, train_input, *, steps: int):
   """``(init_model, train_model, eval_model, tx, schedule, initial state)``."""
   kw = dict(num_classes=train_input.num_classes,
@@ -91,8 +99,7 @@ def build(config, mesh, train_input, *, steps: int):
         int(config.model.get("whiten_init_images", _WHITEN_INIT_IMAGES)))
   state = state_lib.create_train_state(
       init_model, tx, sample_input=init_input, key=jax.random.fold_in(key, 0),
-      ema=(float(config.get("ema_decay", 0.0)) > 0
-           or step_lib.lookahead_settings(config)[0] > 0))
+      ema=keeps_average(config))
   memory_size = int(config.loss.get("memory_size", 0))
   if memory_size:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
