@@ -464,6 +464,35 @@ def test_in_batch_bad_input(name):
       fn(x, labels, **{key: jnp.ones(4)})
 
 
+POSITIVE = {"nt_xent": "temperature", "supcon": "temperature",
+            "multi_similarity": ("alpha", "beta"), "circle": "gamma"}
+
+
+@pytest.mark.parametrize("name", list(POSITIVE))
+def test_in_batch_nonpositive_scale(name):
+  fn = IN_BATCH[name][0]
+  x, labels = jax.random.normal(jax.random.key(0), (6, 3)), jnp.arange(6) % 3
+  keys = POSITIVE[name]
+  for key in (keys,) if isinstance(keys, str) else keys:
+    for bad in (0, 0.0, -0.1, float("nan"), np.float32(0.0), np.array(-1.0)):
+      with pytest.raises(ValueError, match=rf"{key} must be > 0, got"):
+        fn(x, labels, **{key: bad})
+    # A JAX array is not read (that would wait on the device), nor a traced
+    # value; a learnable temperature still gets its gradient.
+    fn(x, labels, **{key: jnp.float32(0.0)})
+    loss, g = jax.jit(jax.value_and_grad(
+        lambda t: fn(x, labels, **{key: t})))(jnp.float32(0.5))
+    assert np.isfinite(loss) and np.isfinite(g) and g != 0
+
+
+def test_query_key_nonpositive_scale():
+  q = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
+    losses.info_nce_loss(q, q, temperature=0)
+  with pytest.raises(ValueError, match="scale must be > 0, got -1.0"):
+    losses.sigmoid_contrastive_loss(q, q, scale=-1.0)
+
+
 def test_query_key_bad_input():
   with pytest.raises(ValueError, match=r"\(4, 3\) and \(4, 5\)"):
     losses.info_nce_loss(jnp.ones((4, 3)), jnp.ones((4, 5)))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from contrastive_jax import similarity as sim
 
@@ -34,12 +37,39 @@ def check_scalars(**hyperparameters) -> None:
   """Refuses a non-scalar hyperparameter (it would broadcast silently).
 
   Values may be traced (a learnable temperature), so only the shape is
-  checked; their sign is the caller's to keep.
+  checked here; ``positive`` checks the sign of host numbers.
   """
   for name, value in hyperparameters.items():
     if jnp.ndim(value) != 0:
       raise ValueError(
           f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+
+
+def positive(*names):
+  """Decorates a jitted loss: refuses ``names`` <= 0 (or NaN) given as host numbers.
+
+  A zero temperature gives inf logits and NaN losses far from the cause. The
+  check runs outside the loss's jit, where a Python or NumPy number can be
+  read; a JAX array (a learnable temperature, or any traced value) is let
+  through unread, as reading it would wait on the device: keeping it
+  positive (e.g. ``exp`` of a parameter) is then the caller's to do.
+  """
+  def decorate(fn):
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+      for name in names:
+        value = kwargs.get(name)
+        host = isinstance(value, (int, float, np.number, np.ndarray))
+        # Non-scalars are refused inside, by check_scalars.
+        if host and np.ndim(value) == 0 and not float(value) > 0:
+          raise ValueError(f"{name} must be > 0, got {float(value)}.")
+      return fn(*args, **kwargs)
+    # The loss stays usable as the jitted function it wraps (AOT lowering,
+    # cache control); those paths skip the check.
+    for attr in ("lower", "trace", "eval_shape", "clear_cache"):
+      setattr(checked, attr, getattr(fn, attr))
+    return checked
+  return decorate
 
 
 def _check_rows(name, x) -> None:

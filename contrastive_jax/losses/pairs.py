@@ -67,6 +67,7 @@ def contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
                             axis_name))
 
 
+@_common.positive("alpha", "beta")
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *,
                           alpha: float = 2.0, beta: float = 50.0,
@@ -111,6 +112,7 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *,
   return col.global_mean(jnp.sum(losses), losses.shape[0], axis_name)
 
 
+@_common.positive("gamma")
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def circle_loss(embeddings: jax.Array, labels: jax.Array, *, m: float = 0.4,
                 gamma: float = 80.0, axis_name: str | None = None,

@@ -13,6 +13,7 @@ from contrastive_jax.losses import _common
 __all__ = ["sigmoid_contrastive_loss"]
 
 
+@_common.positive("scale")
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def sigmoid_contrastive_loss(queries: jax.Array, keys: jax.Array, *,
                              scale: float = 10.0, bias: float = -10.0,

@@ -218,6 +218,7 @@ def _check_block_size(block_size):
                      f" {block_size!r}.")
 
 
+@_common.positive("temperature")
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
                  temperature: float = 0.1, axis_name: str | None = None,
@@ -240,7 +241,7 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
   Args:
     embeddings: ``[N, D]`` float embeddings (normalised internally).
     labels: ``[N]`` integer labels; equal labels are positives.
-    temperature: softmax temperature.
+    temperature: softmax temperature, > 0 (a host number <= 0 raises).
     axis_name: mapped axis along which to gather candidates from all devices;
       every device then returns the loss of the global batch.
     block_size: if set, similarities are computed ``block_size`` candidates at
@@ -266,6 +267,7 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
                    block_size, memory)
 
 
+@_common.positive("temperature")
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
                                 temperature: float = 0.1,
@@ -289,7 +291,7 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
   Args:
     embeddings: ``[N, D]`` float embeddings (normalised internally).
     labels: ``[N]`` integer labels; equal labels are positives.
-    temperature: softmax temperature.
+    temperature: softmax temperature, > 0 (a host number <= 0 raises).
     axis_name: mapped axis along which to gather candidates from all devices.
     block_size: tile size for the memory-efficient path (see
       :func:`nt_xent_loss`).
@@ -306,6 +308,7 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
                    block_size, memory)
 
 
+@_common.positive("temperature")
 @functools.partial(jax.jit, static_argnames=("symmetric",) + _STATIC)
 def info_nce_loss(queries: jax.Array, keys: jax.Array, *,
                   temperature: float = 0.1,
@@ -328,7 +331,7 @@ def info_nce_loss(queries: jax.Array, keys: jax.Array, *,
   Args:
     queries: ``[N, D]``.
     keys: ``[N, D]``; key i is the positive of query i.
-    temperature: softmax temperature.
+    temperature: softmax temperature, > 0 (a host number <= 0 raises).
     negatives: optional ``[M, D]`` extra negatives for every query (a MoCo
       queue or memory bank); no gradient is stopped here, so pass
       ``jax.lax.stop_gradient(queue)`` for a queue.
