@@ -446,9 +446,10 @@ def test_label_smoothed_cross_entropy_matches_numpy():
   np.testing.assert_allclose(grad, (np.exp(log_p) - targets) / 6, atol=1e-6)
 
 
-def test_build_whitens_on_the_first_training_images():
-  """``FastCNN(whiten_size=2)`` built by the loop: its filters whiten the
-  first 1,024 normalised training images (not the zeros of a shape-only init)."""
+def test_build_whitens_on_a_random_subset_of_the_training_images():
+  """``FastCNN(whiten_size=2)`` built by the loop: its filters whiten 1,024
+  normalised training images drawn from the whole split (not the zeros of a
+  shape-only init, nor the first classes of a class-sorted folder)."""
   from contrastive_jax import models  # pylint: disable=g-import-not-at-top
   from contrastive_jax.training import input as input_lib  # pylint: disable=g-import-not-at-top
   from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -459,6 +460,15 @@ def test_build_whitens_on_the_first_training_images():
   data = input_lib.make_train_input(c, mesh, seed_key=jax.random.key(1))
   images = data.init_images(1024)
   assert images.shape == (1024, 8, 8, 1) and images.dtype == np.float32
+  # A random subset of the whole split, every class in it, not the first
+  # 1,024 (class-sorted image folders would give one or two classes).
+  index = data.init_index(1024)
+  assert len(set(index)) == 1024 and index.max() >= 1100
+  labels = data._arrays.labels  # pylint: disable=protected-access
+  assert np.bincount(labels[index], minlength=10).min() >= 80
+  np.testing.assert_array_equal(index, data.init_index(1024))  # fixed
+  np.testing.assert_array_equal(data.init_index(300), np.sort(
+      np.random.default_rng(0).permutation(data.num_train)[:300]))
   assert abs(images.mean()) < 0.1 and abs(images.std() - 1) < 0.1  # normalised
   _, _, _, _, state = loop.build(c, mesh, data, steps=3)
   kernel = state.batch_stats["backbone"]["whiten_kernel"]
@@ -471,7 +481,8 @@ def test_build_whitens_on_the_first_training_images():
   _, _, _, _, state = loop.build(c, mesh, data, steps=3)
   np.testing.assert_allclose(
       state.batch_stats["backbone"]["whiten_kernel"],
-      models.patch_whitening_kernel(jnp.asarray(images[:300])), rtol=1e-4, atol=1e-4)
+      models.patch_whitening_kernel(jnp.asarray(data.init_images(300))),
+      rtol=1e-4, atol=1e-4)
 
 
 def test_weight_average_follows_its_recurrence():

@@ -80,13 +80,25 @@ class TrainInput:
     self.num_train = int(self._arrays.labels.shape[0])
     self._it = None
 
+  def init_index(self, n: int) -> np.ndarray:
+    """Which ``min(n, num_train)`` training images ``init_images`` takes: a
+    fixed random subset (seeded by ``config.seed``), in split order.
+
+    Not the first ``n``: image folders load class by class, so the first
+    5,000 CIFAR-10 images are 4,500 airplanes and 500 cars (airbench takes
+    the first 5,000 of CIFAR's own file, which is shuffled).
+    """
+    rng = np.random.default_rng(int(self._config.seed))
+    return np.sort(rng.permutation(self.num_train)[:n])
+
   def init_images(self, n: int) -> np.ndarray:
-    """The first ``n`` training images, float32 and normalised as the batches
-    are (unaugmented), for a data-dependent initialisation (call before
-    ``start``)."""
+    """``n`` training images (``init_index``), float32 and normalised as the
+    batches are (unaugmented), for a data-dependent initialisation (call
+    before ``start``)."""
     if self._arrays is None:
       raise RuntimeError("init_images must be called before start().")
-    return _normalised_float(self._config, self._arrays.images[:n])
+    return _normalised_float(self._config,
+                             self._arrays.images[self.init_index(n)])
 
   def start(self, start_step: int) -> "TrainInput":
     """Positions the stream at batch ``start_step`` (the resumed step)."""
