@@ -18,8 +18,9 @@
 # room for start-up and the final evaluation: with compilation, these took
 # about 110 s of a ResNet-18 run sharing the H200 three ways. A run still
 # going after SWEEP_TIMEOUT_S seconds (default 380) is killed. Printed at the
-# end: one line per run from its results.json. $OUT/sweep.tgz holds each
-# run's results.json, metrics.jsonl and log (no checkpoints).
+# end (in sequential mode, as each run ends): one line per run from its
+# results.json; $OUT/sweep_<name>.tgz holds the run's results.json,
+# metrics.jsonl and log (no checkpoints).
 #
 # SWEEP_SEQUENTIAL=1 runs them one after another instead, each alone on the
 # GPU (with all of its memory): each run's images/s and training time are
@@ -44,25 +45,11 @@ sharing=$#
 [ "$sequential" = 1 ] && sharing=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${SWEEP_MEM_FRACTION:-$(python3 -c "print(round(0.9 / max(1, $sharing), 3))")}
 
-names=()
-for spec in "$@"; do
-  read -r name flags <<< "$spec"
-  names+=("$name")
-  mkdir -p "$root/$name"
-  # shellcheck disable=SC2086  # the flags are meant to split into words
-  timeout -k 10 "$timeout_s" python3 -m experiments.train \
-      $flags --config.data_dir=./.data --config.max_train_seconds="$train_s" \
-      --workdir="$root/$name/workdir" \
-      > "$root/$name/log" 2>&1 &
-  [ "$sequential" = 1 ] && wait
-done
-echo "ran ${#names[@]} runs $([ "$sequential" = 1 ] && echo "one after another" || echo "side by side"):" \
-     "${names[*]} (memory fraction $XLA_PYTHON_CLIENT_MEM_FRACTION each;" \
-     "training stops after $train_s s, each run is killed after $timeout_s s)"
-wait
-
-for name in "${names[@]}"; do
-  w="$root/$name/workdir"
+# One line from a finished run's results.json, and its files into
+# $OUT/sweep_<name>.tgz, as soon as it ends: a sequential sweep cut short by
+# the device call's time limit still returns the runs that finished.
+report() {
+  local name=$1 w="$root/$1/workdir" f
   for f in results.json metrics.jsonl; do
     [ -f "$w/$f" ] && cp "$w/$f" "$root/$name/$f"
   done
@@ -84,7 +71,32 @@ print(f"{name}: {figs}; step {r.get('step')}/{r.get('total_steps')},"
       f" ({'alone' if runs == 1 else f'shared {runs} ways'}),"
       f" training {r.get('train_time_s') or 0:.0f} s"
       f" (loop with compilation {r.get('loop_time_s') or 0:.0f} s),"
-      f" wall {r.get('wall_time_s', 0):.0f} s, {r.get('status')}")
+      f" wall {r.get('wall_time_s', 0):.0f} s, {r.get('status')}", flush=True)
 PY
+  tar czf "$out/sweep_$name.tgz" -C "$root" "$name"
+}
+
+echo "running $# runs $([ "$sequential" = 1 ] && echo "one after another" || echo "side by side"):" \
+     "memory fraction $XLA_PYTHON_CLIENT_MEM_FRACTION each;" \
+     "training stops after $train_s s, each run is killed after $timeout_s s"
+names=()
+for spec in "$@"; do
+  read -r name flags <<< "$spec"
+  names+=("$name")
+  mkdir -p "$root/$name"
+  # shellcheck disable=SC2086  # the flags are meant to split into words
+  timeout -k 10 "$timeout_s" python3 -m experiments.train \
+      $flags --config.data_dir=./.data --config.max_train_seconds="$train_s" \
+      --workdir="$root/$name/workdir" \
+      > "$root/$name/log" 2>&1 &
+  if [ "$sequential" = 1 ]; then
+    wait
+    report "$name"
+  fi
 done
-tar czf "$out/sweep.tgz" -C "$root" "${names[@]}"
+if [ "$sequential" != 1 ]; then
+  wait
+  for name in "${names[@]}"; do
+    report "$name"
+  done
+fi
