@@ -179,8 +179,8 @@ class FastCNN(nn.Module):
     convolution (``"SAME"`` padding, so sizes stay even) with
     ``patch_whitening_kernel`` filters computed from the images of the
     ``init`` call, then a trained bias and GELU. So initialise it on a batch
-    of real, normalised training images (``training.loop.build`` passes the
-    first 1,024). The kernel is kept in the ``batch_stats`` collection: it is
+    of real, normalised training images (``training.loop.build`` passes a
+    seeded random 1,024 of the split, ``config.model.whiten_init_images``). The kernel is kept in the ``batch_stats`` collection: it is
     a statistic of the data, checkpointed and averaged with the BatchNorm
     statistics and never touched by the optimizer.
 

@@ -10,7 +10,7 @@
 The aim is airbench's (Jordan, 2024): 94% top-1 within a few minutes of one
 GPU. The network is airbench94's shape, ``FastCNN(widths=(64, 256, 256),
 stem_width=0, whiten_size=2)`` (airbench's fixed 2x2 patch-whitening layer,
-24 channels, computed from the first 1,024 training images; three
+24 channels, computed from a random 1,024 training images; three
 conv-pool-BN-GELU groups; global max-pool: ~0.3 GFLOP per image forward),
 computed in bfloat16 with float32 parameters. The whitening layer gave +1.0
 point on the 2-core CPU recipe (triplet + CE, 87.8% against 86.8%,

@@ -160,9 +160,10 @@ def cpu_wide(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def cpu_whiten(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``cpu_wide`` behind airbench's 2x2 patch-whitening layer (24 channels).
 
-  ``FastCNN(whiten_size=2)``: filters from the first 1,024 training images,
+  ``FastCNN(whiten_size=2)``: filters from a random 1,024 training images,
   not trained (``models.patch_whitening_kernel``). Measured (one seed each,
-  experiments/RESULTS.md): +1.0 point for triplet + CE (87.8% against
+  experiments/RESULTS.md, with the filters then taken from the first 1,024
+  images of the class-sorted folder, all airplanes): +1.0 point for triplet + CE (87.8% against
   86.8%) and +1.2 for SupCon + CE (87.3% against 86.1%), at 0.83x the
   training step's speed (its 24-channel output feeds the first 3x3 conv).
   """

@@ -52,8 +52,8 @@ time; its online weights are bit-identical to the run above): 86.86% /
 flip test-time augmentation, i.e. no measurable gain (+0.08).
 
 ``cpu_whiten``: ``cpu_wide`` behind airbench's 2x2 patch-whitening layer
-(``common.cpu_whiten``; 24 fixed filters from the first 1,024 training
-images)::
+(``common.cpu_whiten``; 24 fixed filters from a random 1,024 training
+images; the measured run below took the first 1,024, all airplanes)::
 
     python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py:cpu_whiten \
         --config.data_dir=../shared/data --workdir=/tmp/triplet_ce_cpu_whiten
