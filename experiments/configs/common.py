@@ -163,9 +163,10 @@ def cpu_whiten(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   ``FastCNN(whiten_size=2)``: filters from a random 1,024 training images,
   not trained (``models.patch_whitening_kernel``). Measured (one seed each,
   experiments/RESULTS.md, with the filters then taken from the first 1,024
-  images of the class-sorted folder, all airplanes): +1.0 point for triplet + CE (87.8% against
-  86.8%) and +1.2 for SupCon + CE (87.3% against 86.1%), at 0.83x the
-  training step's speed (its 24-channel output feeds the first 3x3 conv).
+  images of the class-sorted folder, all airplanes): +1.0 point for
+  triplet + CE (87.8% against 86.8%) and +1.2 for SupCon + CE (87.3%
+  against 86.1%), at 0.83x the training step's speed (its 24-channel output
+  feeds the first 3x3 conv).
   """
   c = cpu_wide(c)
   c.model.backbone_kwargs = dict(c.model.backbone_kwargs, whiten_size=2)
