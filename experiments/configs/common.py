@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
       hash_bits=0,         # > 0: hash head of that many bits
       hash_scale=ml_collections.ConfigDict(dict(growth=0.005, power=0.5)),
       online_probe=True,   # linear probe on detached features
+      # FastCNN(whiten_size>0): how many training images (a seeded random
+      # subset) its whitening filters are computed from.
+      whiten_init_images=1024,
       dtype="float32"))    # "bfloat16" for bf16 compute
   c.loss = ml_collections.ConfigDict(dict(
       name="supervised_contrastive",
@@ -55,11 +58,24 @@ def base_config() -> ml_collections.ConfigDict:
       # > 0: sharpness-aware minimisation (Foret et al., 2021) with this
       # radius: each step takes the gradient again at the weights moved
       # sam_rho along the normalised gradient (twice the compute per step).
-      sam_rho=0.0))
+      sam_rho=0.0,
+      # airbench's SGD (see training/optim.py): decay every parameter, not
+      # only the matrices and kernels; scale BatchNorm biases' gradients;
+      # warmup from warmup_init_factor x the peak over warmup_fraction of
+      # the run ("warmup_linear"). freeze_after_epochs, a dict of parameter
+      # name -> epochs, is set in code (cifar10_gpu.airbench96).
+      weight_decay_all=False, norm_bias_grad_scale=1.0,
+      warmup_init_factor=0.0, warmup_fraction=0.0))
   # > 0: keep an exponential moving average of the weights (and BatchNorm
   # statistics) with this decay per step, and evaluate it; the final
   # results also report the online weights, as ``online_*``.
   c.ema_decay = 0.0
+  # > 0: airbench's lookahead every this many steps, its slow weights kept
+  # where the average would be (not with ema_decay > 0); see
+  # training/step.py:lookahead_update.
+  c.lookahead_period = 0
+  c.lookahead_decay = 0.95 ** 5
+  c.lookahead_power = 3.0
   # > 0: stop training once the loop has run this many seconds (its first,
   # compiling step included), save, and evaluate the weights as they are
   # (results.json status "time_budget"). For time-boxed runs and sweeps; a
