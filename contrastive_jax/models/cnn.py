@@ -180,9 +180,10 @@ class FastCNN(nn.Module):
     ``patch_whitening_kernel`` filters computed from the images of the
     ``init`` call, then a trained bias and GELU. So initialise it on a batch
     of real, normalised training images (``training.loop.build`` passes a
-    seeded random 1,024 of the split, ``config.model.whiten_init_images``). The kernel is kept in the ``batch_stats`` collection: it is
-    a statistic of the data, checkpointed and averaged with the BatchNorm
-    statistics and never touched by the optimizer.
+    seeded random 1,024 of the split, ``config.model.whiten_init_images``).
+    The kernel is kept in the ``batch_stats`` collection: it is a statistic
+    of the data, checkpointed and averaged with the BatchNorm statistics and
+    never touched by the optimizer.
 
     airbench96's network is ``FastCNN(widths=(128, 512, 512), stem_width=0,
     whiten_size=2, whiten_padding="VALID", convs_per_group=3,
