@@ -151,6 +151,17 @@ def test_every_documented_config_flag_is_a_key_of_every_config():
         node = node[part]
 
 
+def test_base_config_keys_hold_the_library_defaults():
+  """The base config spells out keys the library also reads with defaults
+  (for configs saved before a key existed); the two must not drift apart."""
+  from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  base = common.base_config()
+  assert step_lib.lookahead_settings(base) == step_lib.lookahead_settings(
+      ml_collections.ConfigDict())
+  assert base.model.whiten_init_images == loop._WHITEN_INIT_IMAGES  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_step_per_config_family(family, tiny_cifar, tmp_path):
   c = _quick(FAMILIES[family].get_config("runlocal"))
