@@ -628,6 +628,30 @@ def test_cpu_whiten_is_cpu_wide_behind_a_whitening_layer(config):
   assert whiten == wide
 
 
+def test_cpu_airbench_is_the_recorded_airbench_command_and_its_triplet_twin():
+  """``supcon_cifar10.py:cpu_airbench`` is the command of RESULTS' best CPU
+  row (``cifar10_gpu.py:airbench`` with widths 32-128-128 and 24 epochs on
+  the command line) apart from checkpointing and logging; the triplet one
+  differs from it only in the loss."""
+  from experiments.configs import cifar10_gpu  # pylint: disable=g-import-not-at-top
+  recorded = cifar10_gpu.get_config("airbench").to_dict()
+  recorded["num_epochs"] = 24
+  recorded["model"]["backbone_kwargs"]["widths"] = (32, 128, 128)
+  supcon = supcon_cifar10.get_config("cpu_airbench").to_dict()
+  assert supcon.pop("log_every") == 50
+  assert supcon["checkpoint"].pop("every_steps") == 250
+  recorded.pop("log_every")
+  recorded["checkpoint"].pop("every_steps")
+  assert supcon == recorded
+  triplet = triplet_ce_cifar10.get_config("cpu_airbench").to_dict()
+  triplet.pop("log_every")
+  triplet["checkpoint"].pop("every_steps")
+  assert triplet.pop("loss") == dict(
+      supcon.pop("loss"), name="batch_hard_triplet",
+      kwargs=dict(margin=0.2, metric="cosine"), weight=0.1)
+  assert triplet == supcon
+
+
 def test_gpu_config_and_its_smoke_run_keep_the_whitening_layer():
   from experiments.configs import cifar10_gpu  # pylint: disable=g-import-not-at-top
   for arg in (None, "runlocal"):

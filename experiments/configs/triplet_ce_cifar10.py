@@ -62,9 +62,22 @@ Result (2026-11-29, idle 2-core CPU, seed 0): 20 epochs in 87.8 minutes at
 175 images/s: 87.82% accuracy, macro recall 87.82%, macro F1 87.81% (kNN
 87.74%, linear probe 87.62%), +1.0 over ``cpu_wide``, beating the design
 documents' 85.5 / 87 / 86 without test-time augmentation; with flip
-test-time augmentation 88.88% / 88.88% / 88.88%. The best CPU recipe.
+test-time augmentation 88.88% / 88.88% / 88.88%.
+
+``cpu_airbench``: airbench96's whole recipe at a quarter of its width, 24
+epochs (``cifar10_gpu.cpu_airbench``, as ``supcon_cifar10.py:cpu_airbench``)
+with this experiment's loss in SupCon's place: batch-hard triplet (cosine,
+margin 0.2) at weight 0.1 beside the cross-entropy. airbench's logits are
+scaled by 1/9, which scales the cross-entropy's gradient into the network
+by 1/9 too; 0.1 keeps ``cpu``'s 1 : 1 balance (as SupCon's 0.5 became 0.05)::
+
+    python -m experiments.train --config=experiments/configs/triplet_ce_cifar10.py:cpu_airbench \
+        --config.data_dir=../shared/data --workdir=/tmp/triplet_ce_cpu_airbench
+
+Result: see experiments/RESULTS.md.
 """
 
+from experiments.configs import cifar10_gpu
 from experiments.configs import common
 
 
@@ -99,4 +112,9 @@ def get_config(arg: str | None = None):
     c = common.cpu_whiten(c)
   if arg == "runlocal":
     c = common.runlocal(c)
+  if arg == "cpu_airbench":
+    c = cifar10_gpu.cpu_airbench()
+    c.loss.name = "batch_hard_triplet"
+    c.loss.kwargs = dict(margin=0.2, metric="cosine")
+    c.loss.weight = 0.1
   return c
