@@ -22,15 +22,22 @@
 # results.json; $OUT/sweep_<name>.tgz holds the run's results.json,
 # metrics.jsonl and log (no checkpoints).
 #
+# The data: SWEEP_DATA_DIR (default ./.data, where device_env.sh unpacks
+# .datatar), passed after each run's flags, so it is the one used.
+#
 # SWEEP_SEQUENTIAL=1 runs them one after another instead, each alone on the
 # GPU (with all of its memory): each run's images/s and training time are
 # then its own, and SWEEP_TIMEOUT_S applies to each run.
 #
 # CPU smoke test (two tiny runs, about a minute):
 #
-#   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/sweep_out JAX_PLATFORMS=cpu bash experiments/accelerator_sweep.sh \
-#       'a --config=experiments/configs/cifar10_gpu.py:runlocal --config.data_dir=../shared/data' \
-#       'b --config=experiments/configs/cifar10_gpu.py:resnet18,runlocal --config.data_dir=../shared/data'
+#   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/sweep_out JAX_PLATFORMS=cpu SWEEP_DATA_DIR=../shared/data \
+#       bash experiments/accelerator_sweep.sh \
+#       'a --config=experiments/configs/cifar10_gpu.py:runlocal' \
+#       'b --config=experiments/configs/cifar10_gpu.py:resnet18,runlocal'
+#
+# tests/test_device_scripts.py runs it so, on generated images, with
+# TensorFlow made unimportable, as on the GPU image.
 
 cd "$(dirname "$0")/.." || exit 1
 source experiments/device_env.sh
@@ -41,6 +48,7 @@ mkdir -p "$out"
 timeout_s=${SWEEP_TIMEOUT_S:-380}
 train_s=${SWEEP_TRAIN_S:-$((timeout_s - 120))}
 sequential=${SWEEP_SEQUENTIAL:-0}
+data_dir=${SWEEP_DATA_DIR:-./.data}
 sharing=$#
 [ "$sequential" = 1 ] && sharing=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${SWEEP_MEM_FRACTION:-$(python3 -c "print(round(0.9 / max(1, $sharing), 3))")}
@@ -86,7 +94,7 @@ for spec in "$@"; do
   mkdir -p "$root/$name"
   # shellcheck disable=SC2086  # the flags are meant to split into words
   timeout -k 10 "$timeout_s" python3 -m experiments.train \
-      $flags --config.data_dir=./.data --config.max_train_seconds="$train_s" \
+      $flags --config.data_dir="$data_dir" --config.max_train_seconds="$train_s" \
       --workdir="$root/$name/workdir" \
       > "$root/$name/log" 2>&1 &
   if [ "$sequential" = 1 ]; then
