@@ -155,6 +155,13 @@ def test_cifar_config_variants():
                             "norm_backward"] == "remat"
   with pytest.raises(ValueError, match="norm_remat needs a ResNet"):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "norm_remat")
+  torch = ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"),
+                         "sgd,resnet18,smooth,cutout,torch_init,runlocal")
+  assert torch.model.backbone_kwargs["torch_init"]
+  assert torch.model.classifier_kwargs["torch_init"]
+  assert not best.model.backbone_kwargs.get("torch_init", False)
+  with pytest.raises(ValueError, match="torch_init needs a ResNet"):
+    ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "torch_init")
   with pytest.raises(ValueError):
     ac.load_config(str(REPO / "experiments/configs/cifar10_gpu.py"), "bogus")
 

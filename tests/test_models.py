@@ -379,6 +379,34 @@ def test_batchnorm_train_vs_eval(block_cls):
     assert any(not np.allclose(a, b) for a, b in zip(old, new))
 
 
+@pytest.mark.parametrize("block_cls", [BasicBlock, Bottleneck])
+def test_resnet_torch_init_reaches_every_convolution(block_cls):
+    """``torch_init``: every conv kernel (stem, blocks, projection shortcuts)
+    is PyTorch's uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)); the default stays
+    He normal with fan-out (std sqrt(2 / fan_out))."""
+    x = jnp.ones((1, 8, 8, 3))
+    key = jax.random.key(0, impl="rbg")
+    kernels = {}
+    for torch_init in (False, True):
+        model = ResNet(stage_sizes=(1, 1), num_filters=16, block_cls=block_cls,
+                       torch_init=torch_init)
+        params = jax.jit(model.init)(key, x)["params"]
+        kernels[torch_init] = {
+            "/".join(k.key for k in path): np.asarray(w)
+            for path, w in jax.tree_util.tree_leaves_with_path(params)
+            if path[-1].key == "kernel"}
+    assert kernels[True].keys() == kernels[False].keys()
+    assert any("shortcut_conv" in k for k in kernels[True])
+    for name, w in kernels[True].items():
+        *window, cin, cout = w.shape
+        bound = 1.0 / np.sqrt(np.prod(window) * cin)
+        assert np.abs(w).max() <= bound, name
+        if w.size >= 500:  # enough draws for the spread to say which init
+            assert abs(w.std() - bound / np.sqrt(3)) < 0.15 * bound, name
+            he = np.sqrt(2.0 / (np.prod(window) * cout))
+            assert abs(kernels[False][name].std() - he) < 0.15 * he, name
+
+
 def test_zero_init_residual():
     # One real (tiny) initialisation: identity shortcut, a single kernel shape.
     block = BasicBlock(features=2, zero_init_residual=True)

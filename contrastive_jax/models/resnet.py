@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.models.cnn import check_image_batch
+from contrastive_jax.models.cnn import torch_uniform_init
 from contrastive_jax.models.conv import conv_general_dilated
 from contrastive_jax.models.norm import batch_norm_act
 
@@ -19,6 +20,14 @@ Dtype = Any
 # He (Kaiming) normal with fan_out, as torchvision's ResNet initialises its
 # convolutions; keeps parity with solo-learn / lightly reference runs.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(module: nn.Module) -> functools.partial:
+    """Bias-free ``nn.Conv`` factory from ``module``'s dtypes and ``torch_init``."""
+    init = torch_uniform_init if module.torch_init else _conv_init
+    return functools.partial(nn.Conv, use_bias=False, kernel_init=init,
+                             conv_general_dilated=conv_general_dilated,
+                             dtype=module.dtype, param_dtype=module.param_dtype)
 
 
 def _norm(train: bool, module: nn.Module) -> functools.partial:
@@ -49,6 +58,8 @@ class BasicBlock(nn.Module):
             block is initially the identity (Goyal et al., 2017).
         norm_backward: backward pass of each BatchNorm (+ add) + ReLU:
             ``"autodiff"``, ``"remat"`` or ``"custom"`` (``models.norm``).
+        torch_init: PyTorch's default convolution init (``torch_uniform_init``)
+            instead of He normal with fan-out.
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -61,6 +72,7 @@ class BasicBlock(nn.Module):
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
     norm_backward: str = "autodiff"
+    torch_init: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,9 +80,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
-                                 conv_general_dilated=conv_general_dilated,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = _conv(self)
         norm = _norm(train, self)
         s = (self.strides, self.strides)
         y = conv(self.features, (3, 3), s, padding=((1, 1), (1, 1)), name="conv1")(x)
@@ -92,6 +102,7 @@ class Bottleneck(nn.Module):
         bn_momentum: BatchNorm running-average momentum (flax convention).
         zero_init_residual: start the last BN scale of the block at zero.
         norm_backward: ``"autodiff"``, ``"remat"`` or ``"custom"`` (``models.norm``).
+        torch_init: PyTorch's default convolution init instead of He normal.
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -104,6 +115,7 @@ class Bottleneck(nn.Module):
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
     norm_backward: str = "autodiff"
+    torch_init: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -111,9 +123,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
-                                 conv_general_dilated=conv_general_dilated,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = _conv(self)
         norm = _norm(train, self)
         out = self.features * self.expansion
         s = (self.strides, self.strides)
@@ -153,6 +163,10 @@ class ResNet(nn.Module):
             only bfloat16 activations instead of float32 intermediates: the
             same function with fewer bytes moved, for memory-bound
             accelerator steps (``contrastive_jax.models.norm``).
+        torch_init: PyTorch's default ``Conv2d`` init (uniform, bound
+            ``1 / sqrt(fan_in)``; ``models.cnn.torch_uniform_init``), as in
+            PyTorch CIFAR code that leaves the init alone (kuangliu's
+            pytorch-cifar), instead of torchvision's He normal with fan-out.
         dtype: computation dtype (e.g. ``jnp.bfloat16``); BN statistics are still
             reduced in float32.
         param_dtype: parameter dtype.
@@ -170,6 +184,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
     norm_backward: str = "autodiff"
+    torch_init: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,9 +197,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_image_batch("ResNet", x)
         x = jnp.asarray(x, self.dtype)
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
-                                 conv_general_dilated=conv_general_dilated,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = _conv(self)
         if self.stem == "cifar":
             x = conv(self.num_filters, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
         elif self.stem == "imagenet":
@@ -203,6 +216,7 @@ class ResNet(nn.Module):
                     bn_momentum=self.bn_momentum,
                     zero_init_residual=self.zero_init_residual,
                     norm_backward=self.norm_backward,
+                    torch_init=self.torch_init,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"stage{i + 1}_block{j + 1}",

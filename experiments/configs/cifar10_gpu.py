@@ -93,6 +93,11 @@ cost perhaps a point. Not yet run on a GPU; on the 2-core CPU at widths
 cross-entropy alone 77.0%; 24 epochs (78 min): 88.46%, 89.54% with flip +
 translation TTA, the best CPU result (experiments/RESULTS.md). Alone; it
 sets its own network, optimizer and augmentation.
+``torch_init`` (with ``resnet18``): PyTorch's default initialisation of the
+convolutions and the classifier (uniform, bound ``1 / sqrt(fan_in)``) in
+place of He normal with fan-out, as kuangliu's pytorch-cifar trains its
+ResNet-18 to 95.3% (a candidate of the ResNet-18 review, RESULTS.md). Not
+yet run on a GPU.
 ``runlocal``: a narrow FastCNN, 5 steps of batch 32 (a smoke test, seconds on
 a CPU). Arguments combine with commas: ``:sgd,resnet18,smooth,cutout``.
 """
@@ -101,7 +106,7 @@ from experiments.configs import common
 
 EPOCHS = 20
 ARGS = ("sgd", "resnet18", "smooth", "cutout", "sam", "norm_remat", "norm_custom",
-        "airbench", "runlocal")
+        "airbench", "torch_init", "runlocal")
 AIRBENCH_EPOCHS = 35
 
 
@@ -239,6 +244,11 @@ def get_config(arg: str | None = None):
   c.progress_bar = False
   if "runlocal" in args:
     c = common.runlocal(c)
+  if "torch_init" in args:
+    if not c.model.backbone.startswith("resnet"):
+      raise ValueError("cifar10_gpu: torch_init needs a ResNet (add resnet18).")
+    c.model.backbone_kwargs = dict(c.model.backbone_kwargs, torch_init=True)
+    c.model.classifier_kwargs = dict(c.model.classifier_kwargs, torch_init=True)
   for backward in ("remat", "custom"):
     if f"norm_{backward}" in args:
       if not c.model.backbone.startswith("resnet"):
