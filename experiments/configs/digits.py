@@ -7,8 +7,8 @@
 
 1,258 training / 539 held-out validation images (30%, stratified). Every
 family uses ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
-2x2x64 -> 128 features), SupCon the wider ``features=(64, 128)``, and is evaluated by weighted kNN (k=20) and a linear
-probe on those features. Results: ``experiments/RESULTS.md`` (commands and
+2x2x64 -> 128 features), SupCon the wider ``features=(64, 128)``, and is
+evaluated by weighted kNN and a linear probe on those features. Results: ``experiments/RESULTS.md`` (commands and
 figures per family). kNN uses k = 10: with ~125 references per class, k = 20
 (solo-learn's CIFAR value, 5,000 per class) averages over too wide a
 neighbourhood (SimCLR: 95.7% at k = 20, 97.0% at k = 10).
