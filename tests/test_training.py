@@ -441,6 +441,48 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+def test_metrics_are_fetched_once_per_log_interval(tmp_path, monkeypatch):
+  """No device-to-host copy per step: the loop fetches the metrics of a
+  whole log interval at once, yet logs every step's values (the logged loss
+  is the mean over the interval)."""
+  from contrastive_jax.training import loop  # pylint: disable=g-import-not-at-top
+  fetches = []
+  real = loop._host  # pylint: disable=protected-access
+
+  def counting(tree):
+    fetches.append(len(tree))
+    return real(tree)
+
+  monkeypatch.setattr(loop, "_host", counting)
+  c = _small_digits(num_steps=12, ema_decay=0.0)
+  c.log_every = 4
+  c.checkpoint.every_steps = 12
+  c.eval.final = False
+  training.train_and_evaluate(c, str(tmp_path))
+  assert fetches == [4, 4, 4]
+  logged = [json.loads(l) for l in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged if "loss" in r] == [4, 8, 12]
+
+
+def test_nan_between_saves_is_caught_before_the_next_save(tmp_path):
+  """Metrics are checked only at log and save steps; a step that diverges
+  between two saves is still named, and the next save does not happen."""
+  c = _small_digits(num_steps=20)
+  c.model.projection_dim = 0
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 1e30
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"
+  c.log_every = 10
+  c.checkpoint.every_steps = 10
+  with pytest.raises(training.NonFiniteLossError,
+                     match=r"at step [1-9]\b.*no last good checkpoint: none was saved"):
+    training.train_and_evaluate(c, str(tmp_path))
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+  assert not (tmp_path / "results.json").exists()
+
+
 def test_tf_input_path_one_step(tmp_path):
   c = _quick(digits.get_config())
   c.input = "tf"

@@ -58,6 +58,10 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
 
 
 _WHITEN_INIT_IMAGES = 1024
+# The host may dispatch this many steps ahead of the device: enough to keep
+# it busy, few enough that queued input batches stay small and the time
+# budget (measured on the host) overshoots by a few steps at most.
+_MAX_STEPS_AHEAD = 4
 
 
 def total_steps(config, num_train: int) -> int:
@@ -365,18 +369,35 @@ def train_and_evaluate(config, workdir: str, *,
 
   acc: dict[str, list] = {}
 
-  def check(step_done: int, metrics) -> None:
-    m = _host(metrics)
+  # Metrics stay on the device until a log, save, stop or callback step
+  # fetches them all in one transfer (as flax's examples do): no
+  # device-to-host copy per step. A save always follows the check of every
+  # step before it, so a non-finite state is never saved.
+  pending: list[tuple[int, Any]] = []
+
+  def check_pending() -> None:
+    if not pending:
+      return
+    fetched = _host([m for _, m in pending])
+    steps_done = [s for s, _ in pending]
+    pending.clear()
+    for step_done, m in zip(steps_done, fetched):
+      check(step_done, m)
+
+  def check(step_done: int, m) -> None:
     if not _finite_metrics(m):
       checkpointer.wait()
       bad = {k: float(v) for k, v in m.items()
              if not np.isfinite(v) or (k == "params_finite" and v != 1.0)}
+      latest = checkpointer.latest_step()
+      kept = (f"the last good checkpoint is step {latest} in"
+              f" {checkpointer.directory} (nothing after it was saved)"
+              if latest is not None else
+              f"no last good checkpoint: none was saved in {checkpointer.directory}")
       raise NonFiniteLossError(
           f"Non-finite values at step {step_done}: {bad}. Training stopped;"
-          f" the last good checkpoint is step {checkpointer.latest_step()} in"
-          f" {checkpointer.directory} (nothing after it was saved). Lower"
-          " optimizer.learning_rate, set optimizer.grad_clip_norm, or use"
-          " model.dtype='float32'.")
+          f" {kept}. Lower optimizer.learning_rate, set"
+          " optimizer.grad_clip_norm, or use model.dtype='float32'.")
     last.update({k: float(v) for k, v in m.items()})
     for k, v in m.items():
       if k != "params_finite":
@@ -384,7 +405,6 @@ def train_and_evaluate(config, workdir: str, *,
 
   try:
     train_input.start(start)
-    pending = None
     step = start
     timing["loop"] = time.time()
     while step < steps:
@@ -394,9 +414,10 @@ def train_and_evaluate(config, workdir: str, *,
       if timing["t0"] is None:  # throughput excludes the compiling step
         jax.block_until_ready(metrics)
         timing["t0"], timing["n0"] = time.time(), step
-      if pending is not None:  # one step behind: keeps the device busy
-        check(*pending)
-      pending = (step, metrics)
+      pending.append((step, metrics))
+      if len(pending) > _MAX_STEPS_AHEAD:
+        # Wait (without a copy) for an older step; it is usually done.
+        jax.block_until_ready(pending[-1 - _MAX_STEPS_AHEAD][1])
       # [SIGTERM received, training time budget spent], on this process.
       flags = np.asarray([preempt.is_set(), bool(
           max_train_s and time.time() - timing["loop"] >= max_train_s)])
@@ -413,8 +434,7 @@ def train_and_evaluate(config, workdir: str, *,
       stop = bool(flags.any())
       save = step % every == 0 or step == steps or stop
       if save or step % log_every == 0 or step_callback is not None:
-        check(*pending)
-        pending = None
+        check_pending()
       if save:
         checkpointer.save(step, state, force=True)
       if step % log_every == 0 or step == steps:
@@ -446,8 +466,7 @@ def train_and_evaluate(config, workdir: str, *,
                         "SIGTERM" if flags[0] else
                         f"max_train_seconds={max_train_s:g} spent")
         break
-    if pending is not None:
-      check(*pending)
+    check_pending()
   finally:
     if pbar is not None:
       pbar.close()
