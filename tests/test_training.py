@@ -674,7 +674,7 @@ def test_cpu_airbench_is_the_recorded_airbench_command_and_its_triplet_twin():
   """``supcon_cifar10.py:cpu_airbench`` is the command of RESULTS' best CPU
   row (``cifar10_gpu.py:airbench`` with widths 32-128-128 and 24 epochs on
   the command line) apart from checkpointing and logging; the triplet one
-  differs from it only in the loss."""
+  differs from it only in the loss and where it applies."""
   from experiments.configs import cifar10_gpu  # pylint: disable=g-import-not-at-top
   recorded = cifar10_gpu.get_config("airbench").to_dict()
   recorded["num_epochs"] = 24
@@ -688,6 +688,9 @@ def test_cpu_airbench_is_the_recorded_airbench_command_and_its_triplet_twin():
   triplet = triplet_ce_cifar10.get_config("cpu_airbench").to_dict()
   triplet.pop("log_every")
   triplet["checkpoint"].pop("every_steps")
+  # The triplet loss on the backbone's features, not on a projection.
+  assert (triplet["model"].pop("projection_dim"),
+          supcon["model"].pop("projection_dim")) == (0, 128)
   assert triplet.pop("loss") == dict(
       supcon.pop("loss"), name="batch_hard_triplet",
       kwargs=dict(margin=0.2, metric="cosine"), weight=0.1)
