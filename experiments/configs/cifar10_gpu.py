@@ -92,7 +92,9 @@ reports 96.0% on the CIFAR-10 test set in 46 s of an A100 (31 epochs of
 cost perhaps a point. Not yet run on a GPU; on the 2-core CPU at widths
 (32, 128, 128), 4 epochs: 77.7% (78.5% with flip TTA), the same run as
 cross-entropy alone 77.0%; 24 epochs (78 min): 88.46%, 89.54% with flip +
-translation TTA, the best CPU result (experiments/RESULTS.md). Alone; it
+translation TTA, the best SupCon CPU result (experiments/RESULTS.md;
+triplet + CE on the same recipe, ``triplet_ce_cifar10.py:cpu_airbench``:
+89.06%, 89.62% with TTA). Alone; it
 sets its own network, optimizer and augmentation.
 ``torch_init`` (with ``resnet18``): PyTorch's default initialisation of the
 convolutions and the classifier (uniform, bound ``1 / sqrt(fan_in)``) in

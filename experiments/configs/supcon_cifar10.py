@@ -62,7 +62,7 @@ with the widths and epochs on the command line, which differs only in
 checkpointing and logging): 24 epochs in 78.0 minutes at 225 images/s:
 88.46% accuracy, macro recall 88.46%, macro F1 88.40% (kNN 89.00%, linear
 probe 88.54%); with flip + translation test-time augmentation 89.54%. The
-best CPU recipe.
+best SupCon CPU recipe (triplet + CE on it: 89.06%).
 """
 
 from experiments.configs import cifar10_gpu
