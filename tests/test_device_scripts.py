@@ -15,9 +15,8 @@ import subprocess
 import sys
 import tarfile
 
-import numpy as np
-from PIL import Image
 import pytest
+from test_data_sources import make_image_folder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,24 +70,13 @@ def gpu_image_env(tmp_path):
   return env
 
 
-def _cifar_like_folder(root, *, classes=4, per_class=12):
-  """``cifar10/train/<class>/<i>.jpg``: 32 x 32 RGB, as ../shared/data."""
-  rng = np.random.default_rng(0)
-  for c in range(classes):
-    d = root / "cifar10" / "train" / f"class{c}"
-    d.mkdir(parents=True)
-    base = rng.integers(0, 256, (32, 32, 3))
-    for i in range(per_class):
-      img = np.clip(base + rng.integers(-40, 40, (32, 32, 3)), 0, 255)
-      Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.jpg", quality=75)
-  return root
-
-
 def test_sweep_script_trains_airbench_without_tensorflow(gpu_image_env, tmp_path):
   """The first call of RESULTS' GPU plan, shrunk: ``accelerator_sweep.sh`` in
   sequential mode on ``cifar10_gpu.py:airbench`` (its whitening, lookahead,
   bias freeze and TTA evaluation), with ``runlocal``'s narrow network."""
-  data = _cifar_like_folder(tmp_path / "data")
+  data = tmp_path / "data"  # cifar10/train/<class>/<i>.jpg, 32 x 32, as ../shared/data
+  make_image_folder(data, name="cifar10", classes=("c0", "c1", "c2", "c3"),
+                    per_class=12, size=32, ext="jpg")
   env = dict(gpu_image_env, SWEEP_SEQUENTIAL="1", SWEEP_TIMEOUT_S="280",
              SWEEP_DATA_DIR=str(data))
   flags = ("--config=experiments/configs/cifar10_gpu.py:airbench,runlocal"

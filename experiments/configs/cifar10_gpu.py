@@ -248,14 +248,13 @@ def get_config(arg: str | None = None):
   c.progress_bar = False
   if "runlocal" in args:
     c = common.runlocal(c)
+  resnet_only = [a for a in args if a in ("torch_init", "norm_remat", "norm_custom")]
+  if resnet_only and not c.model.backbone.startswith("resnet"):
+    raise ValueError(f"cifar10_gpu: {resnet_only[0]} needs a ResNet (add resnet18).")
   if "torch_init" in args:
-    if not c.model.backbone.startswith("resnet"):
-      raise ValueError("cifar10_gpu: torch_init needs a ResNet (add resnet18).")
     c.model.backbone_kwargs = dict(c.model.backbone_kwargs, torch_init=True)
     c.model.classifier_kwargs = dict(c.model.classifier_kwargs, torch_init=True)
   for backward in ("remat", "custom"):
     if f"norm_{backward}" in args:
-      if not c.model.backbone.startswith("resnet"):
-        raise ValueError(f"cifar10_gpu: norm_{backward} needs a ResNet (add resnet18).")
       c.model.backbone_kwargs = dict(c.model.backbone_kwargs, norm_backward=backward)
   return c

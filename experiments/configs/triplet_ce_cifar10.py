@@ -121,11 +121,13 @@ def get_config(arg: str | None = None):
   if arg == "runlocal":
     c = common.runlocal(c)
   if arg == "cpu_airbench":
-    c = cifar10_gpu.cpu_airbench()
-    c.loss.name = "batch_hard_triplet"
-    c.loss.kwargs = dict(margin=0.2, metric="cosine")
-    c.loss.weight = 0.1
+    # airbench's recipe with this experiment's loss (above) in SupCon's place.
+    airbench = cifar10_gpu.cpu_airbench()
+    airbench.loss.name = c.loss.name
+    airbench.loss.kwargs = c.loss.kwargs
+    airbench.loss.weight = 0.1
     # On the backbone's features, as this experiment defines it: on
     # cifar10_gpu's projection head the triplet term collapsed (RESULTS.md).
-    c.model.projection_dim = 0
+    airbench.model.projection_dim = 0
+    return airbench
   return c
