@@ -238,15 +238,21 @@ def test_default_digits_config_is_a_short_cpu_run():
   assert c.num_steps * c.batch_size <= 300_000
 
 
-def test_8_devices_equal_1_device(tmp_path):
+@pytest.mark.parametrize("labels", ["class", "instance"])
+def test_8_devices_equal_1_device(tmp_path, labels):
   """Same global batch: same loss curve and parameters on 8 devices as on 1.
 
   Exercises synchronised BatchNorm (projection head), global negatives, the
-  cross-batch memory, the classifier cross-entropy and the online probe.
+  cross-batch memory, the classifier cross-entropy and the online probe;
+  with instance labels, the ids numbered over the global batch (the memory
+  keeps them, so they are compared too).
   """
   runs = {}
   for n in (1, 8):
     c = _small_digits(num_steps=4, num_devices=n)
+    c.loss.labels = labels
+    if labels == "instance":
+      c.data.views = 2
     c.checkpoint.every_steps = 4
     c.loss.memory_size = 128
     c.loss.ce_weight = 0.5
@@ -265,7 +271,18 @@ def test_8_devices_equal_1_device(tmp_path):
   for a, b in zip(_leaves(runs[1][1]["batch_stats"]),
                   _leaves(runs[8][1]["batch_stats"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  for a, b in zip(_leaves(runs[1][1]["memory"]), _leaves(runs[8][1]["memory"])):
+  memories = [runs[n][1]["memory"] for n in (1, 8)]
+  if labels == "instance":
+    # Each device enqueues its [view 0; view 1] rows, so with two views the
+    # slots hold the same rows in another order: compare them sorted.
+    for m in memories:
+      order = np.lexsort((m["embeddings"][:, 0], m["labels"]))
+      for k in ("embeddings", "labels", "valid"):
+        m[k] = np.asarray(m[k])[order]
+    # 4 steps of 64 images x 2 views into 128 slots: the last step's ids.
+    np.testing.assert_array_equal(memories[1]["labels"],
+                                  np.repeat(np.arange(192, 256), 2))
+  for a, b in zip(_leaves(memories[0]), _leaves(memories[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   for a, b in zip(_leaves(runs[1][1]["ema"]), _leaves(runs[8][1]["ema"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

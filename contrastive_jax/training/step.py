@@ -240,7 +240,6 @@ def make_train_step(model, tx: optax.GradientTransformation,
     raise ValueError("lookahead_period > 0 needs the run's total_steps:"
                      " make_train_step(..., total_steps=steps).")
   hash_kwargs = registry._plain(config.model.get("hash_scale", {}) or {})  # pylint: disable=protected-access
-  global_batch = int(config.batch_size)
   sam = optim.is_sam(config.optimizer)
   if loss_fn is None and not (ce_weight or rec_weight):
     raise ValueError("The config trains nothing: set loss.name, "
@@ -250,16 +249,13 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   def per_device(state: TrainState, batch: dict):
     x, labels, views = flatten_views(batch["image"], batch["label"])
-    b = batch["label"].shape[0]
-    device = lax.axis_index(AXIS)
     key = jax.random.wrap_key_data(state.rng)
-    key = jax.random.fold_in(jax.random.fold_in(key, state.step), device)
+    key = jax.random.fold_in(jax.random.fold_in(key, state.step),
+                             lax.axis_index(AXIS))
     scale = models.hash_scale(state.step, **hash_kwargs)
     if instance_labels:
-      # Globally unique ids (unique across steps too, for the memory bank):
-      # the two views of an image are each other's only positive.
-      ids = state.step * global_batch + device * b + jnp.arange(b)
-      metric_labels = jnp.tile(ids.astype(jnp.int32), views)
+      # The two views of an image are each other's only positive.
+      metric_labels = jnp.tile(batch["instance_id"], views)
     else:
       metric_labels = labels
 
@@ -356,5 +352,15 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
-  return jax.jit(guard_traces(sharded, max_traces=max_traces,
+
+  def step(state: TrainState, batch: dict):
+    if instance_labels:
+      # Numbered over the global batch, and across steps for the memory
+      # bank; the shard_map hands each device its slice.
+      n = batch["label"].shape[0]
+      batch = {**batch, "instance_id": (
+          state.step * n + jnp.arange(n, dtype=jnp.int32))}
+    return sharded(state, batch)
+
+  return jax.jit(guard_traces(step, max_traces=max_traces,
                               name="the train step"), donate_argnums=0)
