@@ -13,13 +13,30 @@ from contrastive_jax import losses
 torch = pytest.importorskip("torch")
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 
 
 def _lp():
   return pml_distances.LpDistance(normalize_embeddings=False, p=2, power=1)
 
 
+def _pml_batch_hard(margin, distance):
+  """PML's batch-hard recipe: BatchHardMiner triplets, averaged with zeros."""
+  loss = pml_losses.TripletMarginLoss(margin=margin, distance=distance,
+                                      reducer=pml_reducers.MeanReducer())
+  miner = pml_miners.BatchHardMiner(distance=distance)
+  return lambda x, y: loss(x, y, miner(x, y))
+
+
 CASES = {
+    "batch_hard": (lambda: _pml_batch_hard(0.7, _lp()),
+                   lambda x, y: losses.batch_hard_triplet_loss(x, y,
+                                                               margin=0.7)),
+    "batch_hard_cosine": (
+        lambda: _pml_batch_hard(0.2, pml_distances.CosineSimilarity()),
+        lambda x, y: losses.batch_hard_triplet_loss(x, y, margin=0.2,
+                                                    metric="cosine")),
     "batch_all": (lambda: pml_losses.TripletMarginLoss(margin=0.7,
                                                         distance=_lp()),
                   lambda x, y: losses.batch_all_triplet_loss(x, y,
@@ -47,9 +64,10 @@ CASES = {
 def test_value_and_gradient_equal_pml(name):
   make_pml, ours = CASES[name]
   rng = np.random.default_rng(0)
-  for _ in range(3):
+  # 10 classes in 16 draws: some anchors have no positive.
+  for num_classes in (4, 4, 4, 10):
     x = rng.normal(size=(16, 8))
-    labels = rng.integers(0, 4, size=16)
+    labels = rng.integers(0, num_classes, size=16)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     expected = make_pml()(xt, torch.tensor(labels))
     expected.backward()
