@@ -76,3 +76,24 @@ def test_value_and_gradient_equal_pml(name):
                                              jnp.asarray(labels))
     np.testing.assert_allclose(value, expected.item(), rtol=1e-6)
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-8)
+
+
+def test_info_nce_equals_pml_ntxent_with_reference_embeddings():
+  """InfoNCE with a queue is PML's NTXentLoss of the queries against
+  ``ref_emb = [keys; negatives]``, key i being query i's only positive."""
+  rng = np.random.default_rng(1)
+  q, k, neg = (rng.normal(size=s) for s in ((12, 8), (12, 8), (20, 8)))
+  qt, kt, nt = (torch.tensor(a, dtype=torch.float64, requires_grad=True)
+                for a in (q, k, neg))
+  expected = pml_losses.NTXentLoss(temperature=0.2)(
+      qt, torch.arange(12), ref_emb=torch.cat([kt, nt]),
+      ref_labels=torch.arange(32))
+  expected.backward()
+  with jax.enable_x64(True):
+    value, grads = jax.value_and_grad(
+        lambda *a: losses.info_nce_loss(a[0], a[1], negatives=a[2],
+                                        temperature=0.2),
+        argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(neg))
+  np.testing.assert_allclose(value, expected.item(), rtol=1e-6)
+  for g, t in zip(grads, (qt, kt, nt)):
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-5, atol=1e-8)
