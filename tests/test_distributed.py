@@ -45,6 +45,8 @@ PAIRED = {
                                         block_size=5),
     "sigmoid": functools.partial(losses.sigmoid_contrastive_loss, scale=5.0,
                                  bias=-2.0),
+    "sigmoid_tiled": functools.partial(losses.sigmoid_contrastive_loss,
+                                       scale=5.0, bias=-2.0, block_size=2),
 }
 
 # Devices 0-2 hold only labels found nowhere else (their anchors have no
@@ -164,7 +166,8 @@ def test_tiled_losses_across_devices_use_a_ring_not_a_gather():
     text = hlo(IN_BATCH[name], x, labels)
     assert "collective_permute" in text, name
     assert "all_gather" not in text, name
-  text = hlo(PAIRED["info_nce_tiled"], x, x)
-  assert "collective_permute" in text and "all_gather" not in text
+  for name in ("info_nce_tiled", "sigmoid_tiled"):
+    text = hlo(PAIRED[name], x, x)
+    assert "collective_permute" in text and "all_gather" not in text, name
   # The untiled loss gathers (so the assertion above can fail).
   assert "all_gather" in hlo(IN_BATCH["nt_xent"], x, labels)

@@ -6,6 +6,7 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
+import jax.test_util as jtu
 import numpy as np
 import pytest
 
@@ -73,6 +74,35 @@ def test_tiled_info_nce_equals_untiled(symmetric):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 64])
+def test_tiled_sigmoid_equals_untiled(block_size):
+  q, _ = _batch(5, n=21)
+  k, _ = _batch(6, n=21)
+  q = q.at[0].set(0.0)      # a zero vector
+  k = k.at[1].set(k[2])     # a duplicate key
+  fn = lambda q, k, s, b, **kw: losses.sigmoid_contrastive_loss(
+      q, k, scale=s, bias=b, **kw)
+  # Scale and bias are learnable in SigLIP: their gradients too.
+  args = (q, k, 5.0, -2.0)
+  v, g = jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(*args)
+  tv, tg = jax.value_and_grad(functools.partial(fn, block_size=block_size),
+                              argnums=(0, 1, 2, 3))(*args)
+  np.testing.assert_allclose(tv, v, rtol=1e-5)
+  for a, b in zip(tg, g):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_sigmoid_gradients_are_numerically_right():
+  q, _ = _batch(7, n=9, d=4)
+  k, _ = _batch(8, n=9, d=4)
+  with jax.enable_x64(True):
+    jtu.check_grads(
+        lambda q, k, s, b: losses.sigmoid_contrastive_loss(
+            q, k, scale=s, bias=b, block_size=4),
+        (np.asarray(q, np.float64), np.asarray(k, np.float64), 3.0, -1.0),
+        order=1, modes=["rev"])
+
+
 def test_tiled_never_builds_the_square_matrix():
   x = jnp.ones((512, 16))
   labels = jnp.arange(512) % 7
@@ -83,6 +113,12 @@ def test_tiled_never_builds_the_square_matrix():
     assert "[512,512" not in hlo
     untiled = jax.jit(jax.value_and_grad(fn)).lower(x, labels).as_text()
     assert "512x512" in untiled  # the check above can detect it
+  sigmoid = jax.jit(jax.value_and_grad(functools.partial(
+      losses.sigmoid_contrastive_loss, block_size=64)))
+  hlo = sigmoid.lower(x, x).compile().as_text()
+  assert "512,512]" not in hlo and "[512,512" not in hlo
+  assert "512x512" in jax.jit(jax.value_and_grad(
+      losses.sigmoid_contrastive_loss)).lower(x, x).as_text()
 
 
 def test_bad_block_size():

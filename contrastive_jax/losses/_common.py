@@ -45,6 +45,13 @@ def check_scalars(**hyperparameters) -> None:
           f"{name} must be a scalar, got shape {jnp.shape(value)}.")
 
 
+def check_block_size(block_size):
+  if block_size is not None and (not isinstance(block_size, int)
+                                 or block_size <= 0):
+    raise ValueError(f"block_size must be a positive int or None, got"
+                     f" {block_size!r}.")
+
+
 def positive(*names):
   """Decorates a jitted loss: refuses ``names`` <= 0 (or NaN) given as host numbers.
 

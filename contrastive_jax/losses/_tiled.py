@@ -1,6 +1,7 @@
-"""Blockwise softmax losses that never hold the [n, C] similarity matrix.
+"""Blockwise losses that never hold the [n, C] similarity matrix.
 
-Every softmax loss here has the form
+Every loss here (the softmax losses, and SigLIP's sigmoid loss with no
+log-sum-exp at all) has the form
 
     total = sum_a h(L_a) + sum_{a, j} phi(s_aj, L_a)
 
@@ -271,6 +272,22 @@ def _no_aux(rows, cols):
 _INFO_NCE = _Spec(_valid, _info_nce_phi, _info_nce_h, _no_aux)
 
 
+def _no_softmax(rows, cols):
+  # No log-sum-exp: L is -inf, so the softmax term of the gradient is zero
+  # and XLA drops the first pass's product (a select on a constant mask).
+  return jnp.zeros((rows.index.shape[0], cols.index.shape[0]), bool)
+
+
+def _sigmoid_phi(s, L, rows, cols, aux):
+  del L, aux
+  z = jnp.where(_is_self(rows, cols), 1.0, -1.0).astype(s.dtype)
+  return jnp.sum(jnp.where(cols.valid[None, :], _common.softplus(-z * s),
+                           0.0))
+
+
+_SIGMOID = _Spec(_no_softmax, _sigmoid_phi, _zero_h, _no_aux)
+
+
 def _from_candidates(c: col.Candidates, inv_temp):
   # The temperature is folded into the anchors so that it may be traced
   # (learnable) without being an argument of the custom_vjp.
@@ -331,4 +348,28 @@ def info_nce_sum(queries, candidates, targets, inv_temp, block_size: int,
            else jnp.arange(cand.shape[0], dtype=jnp.int32))
   cols = _Cols(jnp.zeros_like(index), jnp.ones_like(index, dtype=bool), index)
   total, _ = _tiled_sum(_INFO_NCE, block_size, ring_axis, a, cand, rows, cols)
+  return total
+
+
+def sigmoid_sum(queries, keys, targets, scale, bias, block_size: int,
+                ring_axis=None):
+  """Sum over queries of SigLIP's pair terms against every key.
+
+  The logit ``scale * cos + bias`` is one product of extended vectors,
+  ``[scale * q, bias] . [k, 1]``, so a traced scale and bias get their
+  gradients by autodiff outside the custom VJP. ``targets[i]`` is the global
+  index of query i's own key; with ``ring_axis``, ``keys`` are this device's
+  keys only (global index ``targets``), passed around the ring.
+  """
+  q = _common.normalize(queries)
+  k = _common.normalize(keys)
+  bias = jnp.broadcast_to(jnp.asarray(bias, q.dtype), (q.shape[0], 1))
+  a = jnp.concatenate([q * jnp.asarray(scale, q.dtype), bias], axis=1)
+  c = jnp.concatenate([k, jnp.ones((k.shape[0], 1), k.dtype)], axis=1)
+  targets = targets.astype(jnp.int32)
+  rows = _Rows(jnp.zeros_like(targets), targets)
+  index = (targets if ring_axis is not None
+           else jnp.arange(c.shape[0], dtype=jnp.int32))
+  cols = _Cols(jnp.zeros_like(index), jnp.ones_like(index, dtype=bool), index)
+  total, _ = _tiled_sum(_SIGMOID, block_size, ring_axis, a, c, rows, cols)
   return total

@@ -22,7 +22,7 @@ _STATIC = ("axis_name", "block_size")
 def _in_batch(kind, embeddings, labels, temperature, axis_name, block_size,
               memory):
   """NT-Xent or SupCon by the ring, the tiles, or the dense matrix."""
-  _check_block_size(block_size)
+  _common.check_block_size(block_size)
   _common.check_scalars(temperature=temperature)
   embeddings, labels = _common.prepare_embeddings(embeddings, labels)
   inv_temp = 1.0 / temperature
@@ -211,13 +211,6 @@ def _use_ring(block_size, axis_name, extra) -> bool:
   return True
 
 
-def _check_block_size(block_size):
-  if block_size is not None and (not isinstance(block_size, int)
-                                 or block_size <= 0):
-    raise ValueError(f"block_size must be a positive int or None, got"
-                     f" {block_size!r}.")
-
-
 @_common.positive("temperature")
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
@@ -349,7 +342,7 @@ def info_nce_loss(queries: jax.Array, keys: jax.Array, *,
     Coding, 2018. Radford et al., Learning Transferable Visual Models From
     Natural Language Supervision, ICML 2021.
   """
-  _check_block_size(block_size)
+  _common.check_block_size(block_size)
   _common.check_scalars(temperature=temperature)
   queries, keys = _common.prepare_pair(queries, keys)
   if negatives is not None:

@@ -1,6 +1,8 @@
-"""Memory and time of ``nt_xent_loss`` value + gradient: untiled vs tiled.
+"""Memory and time of a loss's value + gradient: untiled vs tiled.
 
-Float32, D = 128, SimCLR labels, temperature 0.1. Every configuration (batch,
+``--loss=nt_xent`` (the default): float32, D = 128, SimCLR labels,
+temperature 0.1. ``--loss=sigmoid``: SigLIP's loss (scale 10, bias -10) of
+``batch`` queries against ``batch`` keys, gradients to both. Every configuration (batch,
 ``block_size`` or untiled) runs in a fresh subprocess whose address space is
 capped at ``--mem-gb`` (``RLIMIT_AS`` + a psutil watchdog, see ``_util``); the
 child compiles ahead of time (compile time reported apart), times the
@@ -19,6 +21,7 @@ Run from the repository root:
 
   python -m experiments.benchmarks.tiled                       # ~25 minutes
   python -m experiments.benchmarks.tiled --batches 4096,16384  # ~3 minutes
+  python -m experiments.benchmarks.tiled --loss=sigmoid --batches 4096,16384
 """
 
 from __future__ import annotations
@@ -45,8 +48,15 @@ def worker(spec: dict) -> None:
   x = jnp.asarray(rng.standard_normal((batch, spec["dim"]), dtype=np.float32))
   labels = jnp.asarray(np.concatenate([np.arange(batch // 2)] * 2), jnp.int32)
   t = spec["temperature"]
-  fn = jax.value_and_grad(lambda e, l: losses.nt_xent_loss(
-      e, l, temperature=t, block_size=block))
+  if spec.get("loss", "nt_xent") == "sigmoid":
+    # labels stand in for nothing here: the second argument is the keys.
+    labels = jnp.asarray(
+        rng.standard_normal((batch, spec["dim"]), dtype=np.float32))
+    fn = jax.value_and_grad(lambda q, k: losses.sigmoid_contrastive_loss(
+        q, k, block_size=block), argnums=(0, 1))
+  else:
+    fn = jax.value_and_grad(lambda e, l: losses.nt_xent_loss(
+        e, l, temperature=t, block_size=block))
   result = {"baseline_rss_mb": _util.current_rss_mb()}
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(x, labels).compile()
@@ -59,6 +69,7 @@ def worker(spec: dict) -> None:
       call, repeats=spec["repeats"], budget_s=spec["budget_s"])
   value, grad = out[0]
   result["value"] = float(value)
+  grad = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad)])
   result["grad_norm"] = float(jnp.linalg.norm(grad))
   result["finite"] = bool(jnp.all(jnp.isfinite(grad)))
   result["peak_rss_mb"] = _util.peak_rss_mb()
@@ -68,7 +79,8 @@ def worker(spec: dict) -> None:
 def run(batch: int, block: int | None, args) -> dict:
   label = "untiled" if block is None else f"block_size={block}"
   print(f"  batch {batch}, {label} ...", file=sys.stderr, flush=True)
-  spec = {"batch": batch, "block_size": block, "dim": args.dim,
+  spec = {"loss": args.loss, "batch": batch, "block_size": block,
+          "dim": args.dim,
           "temperature": args.temperature, "repeats": args.repeats,
           "budget_s": args.budget}
   result = _util.run_worker(MODULE, spec, mem_gb=args.mem_gb,
@@ -82,6 +94,8 @@ def run(batch: int, block: int | None, args) -> dict:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--loss", choices=("nt_xent", "sigmoid"),
+                      default="nt_xent")
   parser.add_argument("--batches", default="4096,16384,65536,131072")
   parser.add_argument("--block-sizes", default="512,1024")
   parser.add_argument("--sweep-max-batch", type=int, default=16384)
@@ -175,6 +189,7 @@ def main(argv=None) -> None:
                      f" {spread:.1e} (relative)")
   print()
   print(_util.machine_description())
+  print(f"loss: {args.loss}")
   print()
   print(_util.markdown_table(headers, rows))
   print()
