@@ -119,6 +119,24 @@ def test_query_key_loss_across_devices(name):
     _assert_close(a, b)
 
 
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_sigmoid_scale_and_bias_gradients_across_devices(block_size):
+  """SigLIP learns its scale and bias: replicated, their gradient is global."""
+  def fn(q, k, scale, bias, axis_name=None):
+    return losses.sigmoid_contrastive_loss(q, k, scale=scale, bias=bias,
+                                           block_size=block_size,
+                                           axis_name=axis_name)
+  args = (_data(1), _data(2), jnp.float32(5.0), jnp.float32(-2.0))
+  value, grads = jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(*args)
+  sharded = jax.shard_map(functools.partial(fn, axis_name="data"),
+                          mesh=_mesh(), in_specs=(P("data"), P("data"), P(),
+                                                  P()), out_specs=P())
+  s_value, s_grads = jax.value_and_grad(sharded, argnums=(0, 1, 2, 3))(*args)
+  _assert_close(s_value, value)
+  for a, b in zip(s_grads, grads):
+    _assert_close(a, b)
+
+
 def test_data_parallel_parameter_gradients_with_the_usual_recipes():
   # A linear encoder: the parameter gradient computed per device, then
   # averaged the way training steps do, equals the global-batch gradient.

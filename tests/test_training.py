@@ -288,6 +288,21 @@ def test_8_devices_equal_1_device(tmp_path, labels):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["info_nce", "sigmoid"])
+def test_query_key_losses_train_on_8_devices(name, tmp_path):
+  """The paired losses take view 0 as queries and view 1 as keys."""
+  c = _small_digits(num_steps=2, num_devices=8)
+  c.loss.name = name
+  c.loss.kwargs = {}
+  c.data.views = 2
+  res = training.train_and_evaluate(c, str(tmp_path))
+  assert res["step"] == 2
+  losses_seen = [json.loads(l)["metric_loss"] for l in
+                 (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if '"metric_loss"' in l]
+  assert len(losses_seen) == 2 and all(np.isfinite(losses_seen))
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   """An uninterrupted 30-step run; checkpoints at 10, 20, 30."""

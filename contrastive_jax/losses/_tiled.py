@@ -5,8 +5,9 @@ log-sum-exp at all) has the form
 
     total = sum_a h(L_a) + sum_{a, j} phi(s_aj, L_a)
 
-where ``s = a @ c.T`` (normalised embeddings, temperature folded into ``a``)
-and ``L_a`` is a masked log-sum-exp of row ``a``. The forward pass streams
+where ``s = a @ c.T`` (normalised embeddings, temperature folded into ``a``;
+for the sigmoid loss ``a = [scale * q, bias]`` and ``c = [k, 1]``) and
+``L_a`` is a masked log-sum-exp of row ``a``. The forward pass streams
 over blocks of candidates twice: an online log-sum-exp for ``L``, then the
 ``phi`` sum together with ``W_a = h'(L_a) + sum_j dphi/dL_a``. The backward
 pass recomputes each block and applies
@@ -361,11 +362,13 @@ def sigmoid_sum(queries, keys, targets, scale, bias, block_size: int,
   index of query i's own key; with ``ring_axis``, ``keys`` are this device's
   keys only (global index ``targets``), passed around the ring.
   """
-  q = _common.normalize(queries)
-  k = _common.normalize(keys)
-  bias = jnp.broadcast_to(jnp.asarray(bias, q.dtype), (q.shape[0], 1))
-  a = jnp.concatenate([q * jnp.asarray(scale, q.dtype), bias], axis=1)
-  c = jnp.concatenate([k, jnp.ones((k.shape[0], 1), k.dtype)], axis=1)
+  # The untiled loss's dtype: a float64 scale or bias promotes, as there.
+  dtype = jnp.result_type(queries, scale, bias)
+  q = _common.normalize(queries).astype(dtype)
+  k = _common.normalize(keys).astype(dtype)
+  bias = jnp.broadcast_to(jnp.asarray(bias, dtype), (q.shape[0], 1))
+  a = jnp.concatenate([q * jnp.asarray(scale, dtype), bias], axis=1)
+  c = jnp.concatenate([k, jnp.ones((k.shape[0], 1), dtype)], axis=1)
   targets = targets.astype(jnp.int32)
   rows = _Rows(jnp.zeros_like(targets), targets)
   index = (targets if ring_axis is not None

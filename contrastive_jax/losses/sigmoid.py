@@ -37,7 +37,8 @@ def sigmoid_contrastive_loss(queries: jax.Array, keys: jax.Array, *,
     keys: ``[N, D]``; key i is the positive of query i.
     scale: logit scale (``t`` in the paper).
     bias: logit bias (``b``).
-    axis_name: mapped axis along which to gather keys from all devices.
+    axis_name: mapped axis along which to gather keys from all devices
+      (with ``block_size``, to pass them around instead).
     block_size: compute the ``[N, N]`` logits ``block_size`` keys at a time,
       in the forward and the backward pass (memory ``O(N * block_size)``);
       with ``axis_name`` the keys are not gathered but passed from device to

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import losses
@@ -249,6 +250,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   def per_device(state: TrainState, batch: dict):
     x, labels, views = flatten_views(batch["image"], batch["label"])
+    b = batch["label"].shape[0]
     key = jax.random.wrap_key_data(state.rng)
     key = jax.random.fold_in(jax.random.fold_in(key, state.step),
                              lax.axis_index(AXIS))
@@ -356,10 +358,12 @@ def make_train_step(model, tx: optax.GradientTransformation,
   def step(state: TrainState, batch: dict):
     if instance_labels:
       # Numbered over the global batch, and across steps for the memory
-      # bank; the shard_map hands each device its slice.
+      # bank; each device gets its slice. int32 wraps after 2**31 ids, which
+      # keeps them distinct within any memory of fewer.
       n = batch["label"].shape[0]
-      batch = {**batch, "instance_id": (
-          state.step * n + jnp.arange(n, dtype=jnp.int32))}
+      ids = state.step * n + jnp.arange(n, dtype=jnp.int32)
+      batch = {**batch, "instance_id": lax.with_sharding_constraint(
+          ids, NamedSharding(mesh, P(AXIS)))}
     return sharded(state, batch)
 
   return jax.jit(guard_traces(step, max_traces=max_traces,
