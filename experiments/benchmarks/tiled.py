@@ -5,8 +5,8 @@ temperature 0.1. ``--loss=sigmoid``: SigLIP's loss (scale 10, bias -10)
 of ``batch`` queries against ``batch`` keys, gradients to both.
 
 Every configuration (batch, ``block_size`` or untiled) runs in a fresh
-subprocess whose address space is capped at ``--mem-gb`` (``RLIMIT_AS`` + a psutil watchdog, see ``_util``); the
-child compiles ahead of time (compile time reported apart), times the
+subprocess whose address space is capped at ``--mem-gb`` (``RLIMIT_AS`` + a
+psutil watchdog, see ``_util``); the child compiles ahead of time (compile time reported apart), times the
 compiled value-and-grad (minimum of ``--repeats`` runs within ``--budget``
 seconds after one warm-up; a configuration slower than the budget runs
 exactly once, warm-up included), and reports its peak resident memory
