@@ -6,13 +6,14 @@ of ``batch`` queries against ``batch`` keys, gradients to both.
 
 Every configuration (batch, ``block_size`` or untiled) runs in a fresh
 subprocess whose address space is capped at ``--mem-gb`` (``RLIMIT_AS`` + a
-psutil watchdog, see ``_util``); the child compiles ahead of time (compile time reported apart), times the
-compiled value-and-grad (minimum of ``--repeats`` runs within ``--budget``
-seconds after one warm-up; a configuration slower than the budget runs
-exactly once, warm-up included), and reports its peak resident memory
-(``ru_maxrss``, whole process, i.e. including the ~0.5 GiB that importing
-jax costs) and XLA's temporary allocation. An untiled configuration that
-needs more than the cap fails its allocation and is reported as ``OOM``.
+psutil watchdog, see ``_util``); the child compiles ahead of time (compile
+time reported apart), times the compiled value-and-grad (minimum of
+``--repeats`` runs within ``--budget`` seconds after one warm-up; a
+configuration slower than the budget runs exactly once, warm-up included), and
+reports its peak resident memory (``ru_maxrss``, whole process, i.e. including
+the ~0.5 GiB that importing jax costs) and XLA's temporary allocation. An
+untiled configuration that needs more than the cap fails its allocation and is
+reported as ``OOM``.
 
 The block sizes of ``--block-sizes`` are all measured up to
 ``--sweep-max-batch``; larger batches use the fastest one at the largest swept
