@@ -343,13 +343,20 @@ def info_nce_sum(queries, candidates, targets, inv_temp, block_size: int,
   """
   a = _common.normalize(queries) * inv_temp
   cand = _common.normalize(candidates)
+  total, _ = _tiled_sum(_INFO_NCE, block_size, ring_axis, a, cand,
+                        *_query_key_index(targets, cand.shape[0], ring_axis))
+  return total
+
+
+def _query_key_index(targets, num_candidates: int, ring_axis):
+  """Rows and columns of a query-key loss: query i's positive is column
+  ``targets[i]``; ring shares carry their keys' global indices."""
   targets = targets.astype(jnp.int32)
   rows = _Rows(jnp.zeros_like(targets), targets)
   index = (targets if ring_axis is not None
-           else jnp.arange(cand.shape[0], dtype=jnp.int32))
+           else jnp.arange(num_candidates, dtype=jnp.int32))
   cols = _Cols(jnp.zeros_like(index), jnp.ones_like(index, dtype=bool), index)
-  total, _ = _tiled_sum(_INFO_NCE, block_size, ring_axis, a, cand, rows, cols)
-  return total
+  return rows, cols
 
 
 def sigmoid_sum(queries, keys, targets, scale, bias, block_size: int,
@@ -369,10 +376,6 @@ def sigmoid_sum(queries, keys, targets, scale, bias, block_size: int,
   bias = jnp.broadcast_to(jnp.asarray(bias, dtype), (q.shape[0], 1))
   a = jnp.concatenate([q * jnp.asarray(scale, dtype), bias], axis=1)
   c = jnp.concatenate([k, jnp.ones((k.shape[0], 1), dtype)], axis=1)
-  targets = targets.astype(jnp.int32)
-  rows = _Rows(jnp.zeros_like(targets), targets)
-  index = (targets if ring_axis is not None
-           else jnp.arange(c.shape[0], dtype=jnp.int32))
-  cols = _Cols(jnp.zeros_like(index), jnp.ones_like(index, dtype=bool), index)
-  total, _ = _tiled_sum(_SIGMOID, block_size, ring_axis, a, c, rows, cols)
+  total, _ = _tiled_sum(_SIGMOID, block_size, ring_axis, a, c,
+                        *_query_key_index(targets, c.shape[0], ring_axis))
   return total
