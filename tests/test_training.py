@@ -467,10 +467,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, every):
   c.optimizer.schedule = "constant"
   c.checkpoint.every_steps = every
   c.log_every = every
-  kept = "last good checkpoint" if every == 1 else "no last good checkpoint"
+  kept = ("last good checkpoint is step" if every == 1
+          else "no last good checkpoint: none was saved")
   with pytest.raises(training.NonFiniteLossError,
                      match=rf"at step [1-9]\b.*{kept}"):
     training.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "results.json").exists()
   mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
   steps = mngr.all_steps()
   mngr.close()

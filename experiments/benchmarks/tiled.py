@@ -82,9 +82,8 @@ def run(batch: int, block: int | None, args) -> dict:
   label = "untiled" if block is None else f"block_size={block}"
   print(f"  batch {batch}, {label} ...", file=sys.stderr, flush=True)
   spec = {"loss": args.loss, "batch": batch, "block_size": block,
-          "dim": args.dim,
-          "temperature": args.temperature, "repeats": args.repeats,
-          "budget_s": args.budget}
+          "dim": args.dim, "temperature": args.temperature,
+          "repeats": args.repeats, "budget_s": args.budget}
   result = _util.run_worker(MODULE, spec, mem_gb=args.mem_gb,
                             timeout_s=args.timeout, idle_s=args.idle)
   print(f"    -> {result.get('status')}"
