@@ -48,7 +48,6 @@ def worker(spec: dict) -> None:
   batch, block = spec["batch"], spec["block_size"]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, spec["dim"]), dtype=np.float32))
-  labels = jnp.asarray(np.concatenate([np.arange(batch // 2)] * 2), jnp.int32)
   t = spec["temperature"]
   if spec.get("loss", "nt_xent") == "sigmoid":
     second = jnp.asarray(  # the keys
@@ -56,7 +55,8 @@ def worker(spec: dict) -> None:
     fn = jax.value_and_grad(lambda q, k: losses.sigmoid_contrastive_loss(
         q, k, block_size=block), argnums=(0, 1))
   else:
-    second = labels
+    second = jnp.asarray(  # SimCLR's labels
+        np.concatenate([np.arange(batch // 2)] * 2), jnp.int32)
     fn = jax.value_and_grad(lambda e, l: losses.nt_xent_loss(
         e, l, temperature=t, block_size=block))
   result = {"baseline_rss_mb": _util.current_rss_mb()}
