@@ -15,6 +15,7 @@ import pytest
 
 from contrastive_jax import training
 from contrastive_jax.training import optim
+from experiments.benchmarks import airbench_parity
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,13 +37,9 @@ def _opt(**kw):
 # ---------------------------------------------------------------- schedule
 
 
-def _airbench_get_lr(step, total):
-  """airbench96's ``get_lr`` (the multiplier of the learning rate)."""
-  warmup_steps = int(0.1 * total)
-  if step < warmup_steps:
-    frac = step / warmup_steps
-    return 0.2 * (1 - frac) + 1.0 * frac
-  return (total - step) / (total - warmup_steps)
+# airbench96's ``get_lr`` (the multiplier of the learning rate), as the
+# PyTorch side of the airbench parity benchmark runs it.
+_airbench_get_lr = airbench_parity.lr_factor
 
 
 def test_warmup_linear_is_airbench_get_lr():

@@ -115,8 +115,11 @@ def emit_result(result: dict) -> None:
 
 
 def run_worker(module: str, spec: dict, *, mem_gb: float, timeout_s: float,
-               idle_s: float = 90.0) -> dict:
+               idle_s: float = 90.0, env: dict | None = None) -> dict:
   """Runs ``python -m module --worker JSON`` under a memory cap.
+
+  ``env``: the child's environment (default: this process's), e.g. other
+  ``XLA_FLAGS``, which XLA reads once per process.
 
   Returns the child's result dict with ``status="ok"``, or
   ``{"status": "OOM" | "timeout" | "failed", "detail": ...}``.
@@ -125,7 +128,7 @@ def run_worker(module: str, spec: dict, *, mem_gb: float, timeout_s: float,
   spec = dict(spec, mem_gb=mem_gb)
   cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=env)
   ps = psutil.Process(proc.pid)
   start = last_busy = time.monotonic()
   last_cpu, killed, peak_watch = 0.0, None, 0.0

@@ -16,21 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
+from experiments.benchmarks import _util
+
+MODULE = "experiments.benchmarks.xla_cpu_flags"
 FLAG_SETS = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",
              "--xla_cpu_enable_fast_math=true", "--xla_cpu_use_thunk_runtime=false")
 
 
-def worker(batch: int, widths: tuple[int, ...], steps: int) -> dict:
+def worker(spec: dict) -> None:
+  _util.limit_memory(spec["mem_gb"])
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from experiments.configs import cifar10_gpu  # pylint: disable=g-import-not-at-top
   from contrastive_jax.models import FastCNN  # pylint: disable=g-import-not-at-top
+  batch, widths = spec["batch"], tuple(spec["widths"])
   kwargs = dict(cifar10_gpu.get_config("airbench").model.backbone_kwargs,
                 widths=widths)
   model = FastCNN(**kwargs)
@@ -48,16 +51,14 @@ def worker(batch: int, widths: tuple[int, ...], steps: int) -> dict:
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   args = (variables["params"], head, variables["batch_stats"], x)
+  call = lambda: jax.block_until_ready(step(*args))
   start = time.perf_counter()
-  jax.block_until_ready(step(*args))
+  call()
   compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - start)
-  return dict(compile_s=compile_s, step_s=min(times),
-              images_per_sec=batch / min(times))
+  step_s, _ = _util.min_time(call, repeats=spec["steps"],
+                             budget_s=float("inf"), warmup=False)
+  _util.emit_result(dict(compile_s=compile_s, step_s=step_s,
+                         images_per_sec=batch / step_s))
 
 
 def main(argv=None):
@@ -65,32 +66,31 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--widths", default="32,128,128")
   p.add_argument("--steps", type=int, default=4)
-  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--mem_gb", type=float, default=16.0)
+  p.add_argument("--timeout", type=float, default=600.0)
+  p.add_argument("--worker", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  widths = tuple(int(w) for w in args.widths.split(","))
   if args.worker:
-    print(json.dumps(worker(args.batch, widths, args.steps)))
+    worker(json.loads(args.worker))
     return
+  widths = [int(w) for w in args.widths.split(",")]
+  spec = dict(batch=args.batch, widths=widths, steps=args.steps)
   rows = []
   for flags in FLAG_SETS:
-    env = dict(os.environ, XLA_FLAGS=flags)
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmarks.xla_cpu_flags", "--worker",
-         f"--batch={args.batch}", f"--widths={args.widths}",
-         f"--steps={args.steps}"], env=env, capture_output=True, text=True,
-        check=False)
-    if out.returncode:
-      raise RuntimeError(f"XLA_FLAGS={flags!r} failed:\n{out.stderr[-3000:]}")
-    rows.append((flags or "(none)", json.loads(out.stdout.strip().splitlines()[-1])))
+    r = _util.run_worker(MODULE, spec, mem_gb=args.mem_gb,
+                         timeout_s=args.timeout,
+                         env=dict(os.environ, XLA_FLAGS=flags))
+    if r["status"] != "ok":
+      raise RuntimeError(f"XLA_FLAGS={flags!r}: {r['status']}: {r.get('detail')}")
+    rows.append((flags or "(none)", r))
   base = rows[0][1]["images_per_sec"]
-  print(f"airbench96 network, widths {widths}, batch {args.batch}, float32,"
-        f" forward + backward, best of {args.steps}")
+  print(f"airbench96 network, widths {tuple(widths)}, batch {args.batch},"
+        f" float32, forward + backward, best of {args.steps}")
   print("| XLA_FLAGS | compile s | ms/step | images/s | / no flags |")
   print("|---|---:|---:|---:|---:|")
   for flags, r in rows:
     print(f"| `{flags}` | {r['compile_s']:.1f} | {1e3 * r['step_s']:.0f} |"
-          f" {r['images_per_sec']:.0f} |"
-          f" {r['images_per_sec'] / base:.2f} |")
+          f" {r['images_per_sec']:.0f} | {r['images_per_sec'] / base:.2f} |")
 
 
 if __name__ == "__main__":
