@@ -271,7 +271,9 @@ def test_augment_option_errors():
   for opts, match in (
       (dict(padding_mode="edge"), "padding_mode must be one of"),
       (dict(padding_mode="reflect", padding=8), "padding_mode='reflect' needs"),
-      (dict(padding_mode="reflect", padding=-1), "padding_mode='reflect' needs"),
+      (dict(padding_mode="reflect", padding=-1), "padding must be an int >= 0"),
+      (dict(padding=-1), "padding must be an int >= 0"),
+      (dict(padding=2.5), "padding must be an int >= 0"),
       (dict(cutout_size=-1), "cutout_size must be an int >= 0"),
       (dict(cutout_size=2.5), "cutout_size must be an int >= 0"),
       (dict(cutout_size=9), "cutout_size must be at most min"),
@@ -478,6 +480,13 @@ def test_balanced_batches():
     next(data.device_batches(d, key=jax.random.key(0), batch_size=14,
                              classes_per_batch=7, examples_per_class=2,
                              num_classes=8))
+  # sample_batch, called eagerly, checks the same and the label range.
+  balanced = dict(batch_size=14, classes_per_batch=7, examples_per_class=2)
+  with pytest.raises(ValueError, match="exceeds the 6 classes present"):
+    data.sample_batch(jax.random.key(0), d, 0, num_classes=8, **balanced)
+  with pytest.raises(ValueError, match=r"labels must be in 0\.\.4 \(num_cl"):
+    data.sample_batch(jax.random.key(0), d, 0, num_classes=5,
+                      **dict(balanced, classes_per_batch=5, batch_size=10))
 
 
 def test_eval_batches_cover_split_once():
@@ -488,6 +497,11 @@ def test_eval_batches_cover_split_once():
                            for b in out])
   np.testing.assert_array_equal(labels, np.arange(21))
   assert np.asarray(out[-1]["mask"]).sum() == 5
+  for bad in (0, -4, 2.0):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+      next(data.device_eval_batches(d, batch_size=bad))
+  with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    data.sample_batch(jax.random.key(0), d, 0, batch_size=0)
 
 
 def test_augment_options_reach_batches():

@@ -110,6 +110,38 @@ def test_validation_indices_edge_cases():
   np.testing.assert_array_equal(idx, [9, 11])
   with pytest.raises(ValueError, match="validation_fraction"):
     sources.validation_indices(labels, validation_fraction=1.0)
+  # Per-class rounding never holds out less than the fraction asked for:
+  # 3 classes of 7 at 0.3 are 2.1 each (6.3 in all), so one class gives 3.
+  labels = np.repeat(np.arange(3), 7)
+  idx = sources.validation_indices(labels, validation_fraction=0.3)
+  np.testing.assert_array_equal(np.bincount(labels[idx]), [3, 2, 2])
+  np.testing.assert_array_equal(idx, [4, 5, 6, 12, 13, 19, 20])
+
+
+def test_test_split_takes_the_train_splits_labels(tmp_path):
+  make_image_folder(tmp_path, classes=("bird", "cat", "dog"), per_class=2)
+  make_image_folder(tmp_path / "t", classes=("cat", "dog"), per_class=2)
+  (tmp_path / "t" / "tiny" / "train").rename(tmp_path / "tiny" / "test")
+  (tmp_path / "tiny" / "train" / ".ipynb_checkpoints").mkdir()
+  _, labels = data.image_folder_files("tiny", "test", data_dir=tmp_path)
+  np.testing.assert_array_equal(labels, [1, 1, 2, 2])  # cat, dog, not 0, 1
+  arrays = data.load_split_arrays("tiny", "test", data_dir=tmp_path,
+                                  cache_dir=tmp_path / "cache")
+  np.testing.assert_array_equal(arrays.labels, [1, 1, 2, 2])
+  _, labels = data.image_folder_files("tiny", "train_full", data_dir=tmp_path)
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
+  (tmp_path / "tiny" / "test" / "emu").mkdir()
+  with pytest.raises(ValueError, match=r"class folders \['emu'\] that the"):
+    data.image_folder_files("tiny", "test", data_dir=tmp_path)
+
+
+def test_data_dir_of_another_known_dataset_is_refused(tmp_path):
+  make_image_folder(tmp_path, name="cifar10", per_class=2)
+  with pytest.raises(ValueError, match="image folder of dataset 'cifar10', not"
+                     " 'cifar100'"):
+    data.resolve_source("cifar100", data_dir=tmp_path / "cifar10")
+  src = data.resolve_source("cifar10", data_dir=tmp_path / "cifar10")
+  assert src.kind == "image_folder"
 
 
 def test_digits():
@@ -118,7 +150,7 @@ def test_digits():
   assert tr.images.shape[1:] == (8, 8, 1) and tr.images.dtype == np.float32
   assert 0.0 <= tr.images.min() and tr.images.max() <= 1.0
   assert len(tr.labels) + len(va.labels) == 1797
-  assert len(va.labels) >= 0.3 * 1797 - 10  # held out: 30%, stratified
+  assert len(va.labels) == 540  # held out: 30% (539.1) rounded up, stratified
   counts = np.bincount(va.labels)
   assert counts.min() >= 50 and len(counts) == 10
   with pytest.raises(ValueError, match="no 'test' split"):

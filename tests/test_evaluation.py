@@ -273,8 +273,9 @@ def test_hash_map_matches_numpy_with_ties():
   rm = (rng.random((300, 5)) < 0.3).astype(np.float32)
   got = ev.hash_retrieval_map(q > 0, qm, r > 0, rm, top_k=50)
   assert got == pytest.approx(_np_hash_map(q, qm, r, rm, 50), abs=1e-6)
-  with pytest.raises(ValueError, match="0/1"):
-    ev.hash_retrieval_map((q > 0).astype(np.int32), qy, r, ry)
+  for dtype in (np.int32, np.float32):
+    with pytest.raises(ValueError, match="0/1"):
+      ev.hash_retrieval_map((q > 0).astype(dtype), qy, r, ry)
   with pytest.raises(ValueError, match="bits"):
     ev.hash_retrieval_map(q[:, :4], qy, r, ry)
 
@@ -320,6 +321,14 @@ def test_linear_probe_digits():
   assert np.mean(np.argmax(logits, 1) == y[1200:]) > 0.85
   # Constant features standardise without NaN.
   assert np.all(np.isfinite(params["std"])) and np.all(params["std"] > 0)
+  # The standardisation does not depend on the features' scale.
+  tiny = ev.fit_linear_classifier(x[:1200] * 1e-7, y[:1200], num_classes=10,
+                                  steps=200, learning_rate=0.1,
+                                  optimizer="sgd", batch_size=None)
+  np.testing.assert_allclose(tiny["std"], np.where(
+      params["std"] == 1.0, 1.0, params["std"] * 1e-7), rtol=1e-4)
+  np.testing.assert_allclose(
+      ev.linear_classifier_logits(tiny, x[1200:] * 1e-7), logits, atol=1e-3)
   with pytest.raises(ValueError, match="num_classes"):
     ev.linear_probe(x, y, x, y, num_classes=5)
   with pytest.raises(ValueError, match="dimension"):

@@ -122,8 +122,8 @@ def check_options(augment: str | None = None, *, padding: int = 4,
                   width: int | None = None) -> None:
   """Raises a ValueError for bad crop / Cutout options.
 
-  The values are always checked (``padding_mode`` in ``PADDING_MODES``,
-  ``cutout_size`` an int >= 0, ``cutout_inside`` a bool). Given the image
+  The values are always checked (``padding`` and ``cutout_size`` ints >= 0,
+  ``padding_mode`` in ``PADDING_MODES``, ``cutout_inside`` a bool). Given the image
   ``height`` and ``width``, so are the limits of the options ``augment``
   uses (all of them when ``augment`` is None): ``"reflect"`` needs
   ``0 <= padding < min(H, W)`` (a reflection cannot reach further than the
@@ -132,6 +132,9 @@ def check_options(augment: str | None = None, *, padding: int = 4,
   if padding_mode not in PADDING_MODES:
     raise ValueError(
         f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
+  if isinstance(padding, bool) or not isinstance(
+      padding, (int, np.integer)) or padding < 0:
+    raise ValueError(f"padding must be an int >= 0, got {padding!r}.")
   if isinstance(cutout_size, bool) or not isinstance(
       cutout_size, (int, np.integer)) or cutout_size < 0:
     raise ValueError(

@@ -188,7 +188,14 @@ def batch_indices(key, step, *, num_examples: int, batch_size: int
   return jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
 
 
+def _check_batch_size(batch_size) -> None:
+  if isinstance(batch_size, bool) or not isinstance(
+      batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+
+
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  _check_batch_size(batch_size)
   spe = num_examples // batch_size
   if spe < 1:
     raise ValueError(
@@ -338,6 +345,7 @@ def sample_batch(key, data: DeviceData, step, *, batch_size: int,
     idx = batch_indices(key, step, num_examples=n, batch_size=batch_size)
   else:
     _check_pk(classes_per_batch, examples_per_class, batch_size, num_classes)
+    _check_concrete_labels(data.labels, num_classes, classes_per_batch)
     idx = balanced_batch_indices(
         key, step, data.labels, num_classes=num_classes,
         classes_per_batch=classes_per_batch,
@@ -346,6 +354,26 @@ def sample_batch(key, data: DeviceData, step, *, batch_size: int,
                     mean=mean, std=std, strength=strength, padding=padding,
                     max_degrees=max_degrees, padding_mode=padding_mode,
                     cutout_size=cutout_size, cutout_inside=cutout_inside)
+
+
+def _check_concrete_labels(labels, num_classes: int,
+                           classes_per_batch: int) -> None:
+  """The class-balanced draw's preconditions, when the labels are not traced.
+
+  A label outside ``0..num_classes - 1`` would never be drawn, and fewer
+  present classes than P would repeat others' examples in the absent ones'
+  places (``device_batches`` checks the same).
+  """
+  try:
+    labels = np.asarray(labels)
+  except jax.errors.TracerArrayConversionError:
+    return  # under jit: the caller's to check (device_batches does)
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(
+        f"labels must be in 0..{num_classes - 1} (num_classes={num_classes}),"
+        f" got {labels.min()}..{labels.max()}.")
+  check_class_shards(np.bincount(labels, minlength=num_classes)[None],
+                     classes_per_batch, unit="split")
 
 
 def _check_pk(p, k, batch_size, num_classes):
@@ -405,9 +433,7 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
       augment, padding=padding, padding_mode=padding_mode,
       cutout_size=cutout_size, cutout_inside=cutout_inside,
       height=data.images.shape[1], width=data.images.shape[2])
-  if isinstance(batch_size, bool) or not isinstance(
-      batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  _check_batch_size(batch_size)
   balanced = classes_per_batch is not None or examples_per_class is not None
   opts = dict(augment=augment, views=views,
               mean=None if mean is None else tuple(mean),
@@ -571,6 +597,7 @@ def device_eval_batches(data: DeviceData, *, batch_size: int,
     ``{"image": float32 [B, H, W, C], "label": int32 [B], "mask": bool [B]}``
     with ``mask`` False on padding.
   """
+  _check_batch_size(batch_size)
   n = data.labels.shape[0]
   opts = dict(mean=None if mean is None else tuple(mean),
               std=None if std is None else tuple(std))

@@ -22,9 +22,10 @@ which it picked):
 
 Splits: ``"train"`` and ``"validation"`` are a deterministic, stratified
 partition of the official train split (per class, the *last*
-``round(validation_fraction * count)`` examples in file/dataset order are
-validation; default fraction 0.1, i.e. 5,000 CIFAR-10 images, 500 per class,
-and 0.3 for digits). ``"train_full"`` is the whole official train split (for a
+``validation_fraction * count`` examples in file/dataset order, rounded so
+that at least that fraction of the whole is held out, are validation; default
+fraction 0.1, i.e. 5,000 CIFAR-10 images, 500 per class, and 0.3 for digits,
+540 of 1,797). ``"train_full"`` is the whole official train split (for a
 final run after model selection) and ``"test"`` the official test split where
 one exists. If the source has its own ``validation`` split it is used instead
 of carving one.
@@ -148,6 +149,12 @@ def resolve_source(name: str, *, data_dir: str | os.PathLike | None = None
     base = pathlib.Path(data_dir).expanduser()
     for root in (base / name, base):
       if root.is_dir() and _is_image_folder_root(root):
+        other = root.resolve().name
+        if root == base and other != name and other in DATASET_STATS:
+          # Would be read, and normalised, as ``name``.
+          raise ValueError(
+              f"data_dir={str(data_dir)!r} is the image folder of dataset"
+              f" {other!r}, not {name!r}; pass its parent, or name={other!r}.")
         return Source("image_folder", name, root.resolve(), str(data_dir))
   return Source("tfds", name, None,
                 None if data_dir is None else str(data_dir))
@@ -161,22 +168,27 @@ def validation_indices(labels: np.ndarray, *,
                        validation_fraction: float) -> np.ndarray:
   """Sorted indices of the stratified validation carve-out.
 
-  Per class, the last ``round(validation_fraction * count)`` examples (at
-  least 1 for classes with 2+ examples, never all of a class).
+  Per class, the last ``n_c`` examples, where the ``n_c`` are
+  ``validation_fraction * count`` rounded down and then raised by one, largest
+  remainders first (ties: lower class), until they sum to
+  ``ceil(validation_fraction * N)``; so the held-out share is never below the
+  fraction asked for (digits at 0.3: 540 of 1,797). At least 1 for classes
+  with 2+ examples, never all of a class.
   """
   if not 0.0 < validation_fraction < 1.0:
     raise ValueError(
         f"validation_fraction must be in (0, 1), got {validation_fraction!r}.")
   labels = np.asarray(labels)
-  out = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    n = int(round(validation_fraction * len(members)))
-    if len(members) >= 2:
-      n = min(max(n, 1), len(members) - 1)
-    else:
-      n = 0
-    out.append(members[len(members) - n:])
+  classes, counts = np.unique(labels, return_counts=True)
+  # The 1e-9 keeps exact products (0.1 * 5,000) from rounding the wrong way.
+  exact = validation_fraction * counts
+  n = np.floor(exact + 1e-9).astype(np.int64)
+  short = int(np.ceil(validation_fraction * len(labels) - 1e-9)) - int(n.sum())
+  if short > 0:
+    n[np.argsort(-(exact - n), kind="stable")[:short]] += 1
+  n = np.where(counts >= 2, np.clip(n, 1, counts - 1), 0)
+  out = [np.flatnonzero(labels == c)[count - k:]
+         for c, count, k in zip(classes, counts, n)]
   return np.sort(np.concatenate(out)) if out else np.zeros([0], np.int64)
 
 
@@ -199,24 +211,49 @@ def carve_split(labels: np.ndarray, split: str, *,
 # Image folders.
 
 
-def list_image_folder(split_dir: str | os.PathLike
+def class_folders(split_dir: str | os.PathLike) -> tuple[str, ...]:
+  """Sorted names of the class folders in ``split_dir`` (hidden ones skipped)."""
+  return tuple(sorted(d.name for d in pathlib.Path(split_dir).iterdir()
+                      if d.is_dir() and not d.name.startswith(".")))
+
+
+def list_image_folder(split_dir: str | os.PathLike, *,
+                      classes: Sequence[str] | None = None
                       ) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
   """Lists ``split_dir/<class>/<image>``.
 
+  Args:
+    split_dir: the split's folder.
+    classes: the label order, by folder name (a test or validation folder
+      takes the train folder's, so that a class missing from it shifts no
+      label); a folder not in it is an error. Default: this folder's own
+      class folders, sorted.
+
   Returns:
     ``(paths, labels, class_names)``: paths sorted by class then file name,
-    labels ``[N]`` int32 (the index of the class folder in sorted order).
+    labels ``[N]`` int32 (the index of the class in ``class_names``).
   """
   split_dir = pathlib.Path(split_dir)
   if not split_dir.is_dir():
     raise FileNotFoundError(f"Image folder split {split_dir} does not exist.")
-  classes = tuple(sorted(d.name for d in split_dir.iterdir() if d.is_dir()))
-  if not classes:
+  present = class_folders(split_dir)
+  if not present:
     raise ValueError(
         f"{split_dir} has no class folders; expected"
         f" {split_dir}/<class>/<image>.")
+  if classes is None:
+    classes = present
+  else:
+    classes = tuple(classes)
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+      raise ValueError(
+          f"{split_dir} has class folders {unknown} that the training split"
+          f" does not have (its classes: {list(classes)}).")
   paths, labels = [], []
   for label, cls in enumerate(classes):
+    if cls not in present:
+      continue
     with os.scandir(split_dir / cls) as it:
       names = sorted(e.name for e in it
                      if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
@@ -249,6 +286,12 @@ def _folder_split_dir(source: Source, split: str) -> tuple[pathlib.Path, bool]:
   return root / "train", not has_own_validation and split != "train_full"
 
 
+def _train_classes(source: Source) -> tuple[str, ...] | None:
+  """The training split's class folders: every split's label order."""
+  train = source.root / "train"
+  return class_folders(train) if train.is_dir() else None
+
+
 def _present_dirs(root: pathlib.Path) -> list[str]:
   return sorted(d.name for d in root.iterdir() if d.is_dir())
 
@@ -271,7 +314,7 @@ def image_folder_files(name: str, split: str, *,
         f" <data_dir>/{name}/<split>/<class>/<image> or"
         " <data_dir>/<split>/<class>/<image>.")
   folder, carve = _folder_split_dir(source, split)
-  paths, labels, _ = list_image_folder(folder)
+  paths, labels, _ = list_image_folder(folder, classes=_train_classes(source))
   if carve:
     frac = (default_validation_fraction(name) if validation_fraction is None
             else validation_fraction)
@@ -396,7 +439,7 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
 
 def _load_folder_arrays(source: Source, folder: pathlib.Path, *,
                         cache_dir, decoder: str) -> SplitArrays:
-  paths, labels, _ = list_image_folder(folder)
+  paths, labels, _ = list_image_folder(folder, classes=_train_classes(source))
   if cache_dir is not None:
     img_file, lbl_file = _cache_files(cache_dir, source.name, folder, paths)
     if img_file.exists() and lbl_file.exists():

@@ -124,7 +124,10 @@ def fit_linear_classifier(
 
   mean = x.mean(axis=0, dtype=np.float64)
   std = x.std(axis=0, dtype=np.float64)
-  std = np.where(std > 1e-6 * np.maximum(np.abs(mean), 1.0), std, 1.0)
+  # A constant feature (float32 rounding gives it a std of ~1e-7 |mean|) is
+  # centred but not scaled up; the test is relative, so the probe does not
+  # depend on the features' scale.
+  std = np.where((std > 1e-6 * np.abs(mean)) & (std > 0), std, 1.0)
   mean, std = mean.astype(np.float32), std.astype(np.float32)
   init = {"kernel": jnp.zeros((x.shape[1], num_classes), jnp.float32),
           "bias": jnp.zeros((num_classes,), jnp.float32)}

@@ -266,7 +266,7 @@ def class_names_for(config, num_classes: int) -> list[str]:
     if source.kind == "image_folder" and source.root is not None:
       train_dir = source.root / "train"
       if train_dir.is_dir():
-        names = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+        names = cdata.sources.class_folders(train_dir)
   except Exception:  # pylint: disable=broad-except
     names = None  # names are cosmetic: never fail because of them.
   if not names or len(names) != num_classes:

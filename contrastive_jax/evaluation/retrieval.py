@@ -253,12 +253,12 @@ def _check_codes(name, codes):
   if codes.dtype == np.bool_:
     return np.where(codes, 1.0, -1.0).astype(np.float32)
   if np.issubdtype(codes.dtype, np.integer):
-    if codes.min() >= 0 and codes.max() <= 1 and (codes == 0).any():
-      raise ValueError(
-          f"{name} looks like 0/1 codes; pass ±1 codes (or booleans), since"
-          " only signs are compared and 0 counts as +1.")
     codes = codes.astype(np.float32)
   codes = check_embeddings(name, codes)
+  if np.isin(codes, (0.0, 1.0)).all() and (codes == 0).any():
+    raise ValueError(
+        f"{name} looks like 0/1 codes; pass ±1 codes (or booleans), since"
+        " only signs are compared and 0 counts as +1.")
   return np.where(codes >= 0, 1.0, -1.0).astype(np.float32)
 
 
