@@ -349,6 +349,23 @@ def test_semi_hard_picks_the_farthest_negative_when_none_is_farther():
   np.testing.assert_allclose(got, np.mean([3.5, 2.5]), rtol=1e-6)
 
 
+def test_semi_hard_ties_and_memory():
+  # Distances equal to d(a, p) are not "farther"; grid points give exact ties.
+  x = np.array([[0, 0], [1, 0], [-1, 0], [1, 0], [0, 1], [0, 2]], np.float32)
+  labels = np.array([0, 0, 1, 1, 0, 1])
+  for margin in (0.5, 2.0):
+    got = losses.semi_hard_triplet_loss(x, labels, margin=margin)
+    np.testing.assert_allclose(
+        got, ref_semi_hard(x.astype(np.float64), labels, margin, "euclidean"),
+        rtol=1e-6)
+  # O(N^2) memory: no [N, N, N] buffer, which batch-all (O(N^3)) does build.
+  x, labels = jnp.ones((64, 8)), jnp.arange(64) % 4
+  def hlo(fn):
+    return jax.jit(jax.value_and_grad(fn)).lower(x, labels).compile().as_text()
+  assert "64,64,64]" not in hlo(losses.semi_hard_triplet_loss)
+  assert "64,64,64]" in hlo(losses.batch_all_triplet_loss)
+
+
 # ----------------------------------------------------------------------------
 # Query/key losses and explicit triplets.
 

@@ -57,6 +57,16 @@ def test_tiled_temperature_gradient_and_degenerate_rows():
                                               block_size=b))(0.3)
        for b in (None, 5)]
   np.testing.assert_allclose(g[1], g[0], rtol=1e-5)
+  # ... and keeps its dtype: a bf16 parameter, a weak float64 under x64.
+  for fn in TILED.values():
+    for b in (None, 5):
+      gb = jax.grad(lambda t: fn(x, labels, temperature=t, block_size=b))(
+          jnp.asarray(0.3, jnp.bfloat16))
+      assert gb.dtype == jnp.bfloat16 and np.isfinite(float(gb))
+      with jax.enable_x64(True):
+        g64 = jax.grad(lambda t: fn(x, labels, temperature=t,
+                                    block_size=b))(0.3)
+      assert np.isfinite(g64)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -230,6 +240,12 @@ def test_memory_labels_are_never_narrowed(block_size):
                             jnp.asarray(old), jnp.array([big, big]))
   with pytest.raises(TypeError, match="integer"):
     losses.create_memory(4, 4, label_dtype=jnp.float32)
+  with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+    losses.create_memory(4, 4, dtype=jnp.int32)
+  # NumPy's default int64 labels, eagerly, without x64: what jit accepts.
+  eager = losses.enqueue_memory(losses.create_memory(4, 4), np.asarray(old),
+                                np.array([3, 4]))
+  np.testing.assert_array_equal(eager.labels[:2], [3, 4])
 
 
 def test_memory_training_loop_compiles_once():

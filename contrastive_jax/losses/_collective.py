@@ -27,7 +27,8 @@ def check_axis_name(axis_name) -> None:
   except NameError as e:
     raise ValueError(
         f"axis_name={axis_name!r} is not bound: call the loss inside"
-        " jax.shard_map, jax.pmap or jax.vmap over that axis, or pass"
+        " jax.shard_map, jax.pmap or jax.vmap over that axis (shard_map or"
+        " pmap for block_size's ring and enqueue_memory), or pass"
         " axis_name=None.") from e
 
 

@@ -62,6 +62,8 @@ def create_memory(size: int, dim: int, *, dtype=jnp.float32,
   labels = jnp.zeros((size,), int if label_dtype is None else label_dtype)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"label_dtype must be an integer dtype, got {labels.dtype}.")
+  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise TypeError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
   return CrossBatchMemory(
       embeddings=jnp.zeros((size, dim), dtype),
       labels=labels,
@@ -78,8 +80,9 @@ def enqueue_memory(memory: CrossBatchMemory, embeddings: jax.Array,
     memory: the current memory, ``S`` slots of size ``D``.
     embeddings: ``[B, D]`` embeddings (no gradient is kept).
     labels: ``[B]`` integer labels.
-    axis_name: under ``shard_map``/``pmap``, the global batch is gathered
-      along this axis and enqueued on every device, so memories stay identical.
+    axis_name: under ``shard_map``/``pmap`` (not ``vmap``), the global batch
+      is gathered along this axis and enqueued on every device, so memories
+      stay identical.
 
   Returns:
     The new memory. The newest ``min(B, S)`` entries of the batch are kept.
@@ -87,11 +90,13 @@ def enqueue_memory(memory: CrossBatchMemory, embeddings: jax.Array,
   embeddings, labels = _common.prepare_embeddings(embeddings, labels)
   sim.check_same_features("memory.embeddings", memory.embeddings,
                           "embeddings", embeddings)
-  if not jnp.can_cast(labels.dtype, memory.labels.dtype):
+  # NumPy's int64 is what JAX would make int32 of anyway (without x64).
+  label_dtype = jax.dtypes.canonicalize_dtype(labels.dtype)
+  if not jnp.can_cast(label_dtype, memory.labels.dtype):
     raise TypeError(
-        f"labels of dtype {labels.dtype} do not fit the memory's"
+        f"labels of dtype {label_dtype} do not fit the memory's"
         f" {memory.labels.dtype} labels exactly; create the memory with"
-        f" create_memory(..., label_dtype={labels.dtype}).")
+        f" create_memory(..., label_dtype={label_dtype}).")
   _collective.check_axis_name(axis_name)
   embeddings = _collective.all_gather(lax.stop_gradient(embeddings), axis_name,
                                       invariant=True)

@@ -42,7 +42,8 @@ def sigmoid_contrastive_loss(queries: jax.Array, keys: jax.Array, *,
     block_size: compute the ``[N, N]`` logits ``block_size`` keys at a time,
       in the forward and the backward pass (memory ``O(N * block_size)``);
       with ``axis_name`` the keys are not gathered but passed from device to
-      device (``ppermute``), as big_vision's chunked sigmoid loss.
+      device (``ppermute``), as big_vision's chunked sigmoid loss (under
+      ``jax.shard_map`` or ``jax.pmap``: see :func:`nt_xent_loss`).
 
   Returns:
     Scalar loss, float32 (float64 for float64 inputs).

@@ -165,7 +165,8 @@ def _symmetric_bwd(kind, residuals, g):
   by_col = ds(s, pos, second, *(x[None, :] for x in stats))
   dn = (g * inv_temp) * ((by_row + by_col) @ n)
   # s = inv_temp * n n^T, so ds/dinv_temp = s / inv_temp.
-  dinv_temp = g * jnp.sum(by_row * s) / inv_temp
+  dinv_temp = (g * jnp.sum(by_row * s) / inv_temp).astype(
+      jnp.result_type(inv_temp))  # a bf16 or weak f64 temperature keeps it
   return dn, None, dinv_temp
 
 
@@ -242,7 +243,9 @@ def nt_xent_loss(embeddings: jax.Array, labels: jax.Array, *,
       pass: memory ``O(N * block_size)`` instead of ``O(N^2)``. With
       ``axis_name`` too (and no ``memory``), candidates are not gathered:
       each device's share is passed around a ring (``lax.ppermute``), so no
-      device ever holds all of them. Without it, on one device and with no
+      device ever holds all of them; the ring's gradient needs the axis bound
+      by ``jax.shard_map`` or ``jax.pmap`` (a ``jax.vmap`` axis does not
+      reach a custom gradient's backward pass). Without it, on one device and with no
       ``memory``, a batch of 1024 or more that is a multiple of 128 is
       already processed a block of anchor rows at a time (memory
       ``O(N * 256)``), in fewer passes than the tiles.

@@ -105,8 +105,8 @@ def batch_all_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
   ``AvgNonZeroReducer`` and ``distance=LpDistance(normalize_embeddings=False)``
   (PML's default distance normalises the embeddings first: pass normalised
   embeddings for the same values). Memory is ``O(N^3)``: for large batches prefer
-  :func:`batch_hard_triplet_loss` or :func:`semi_hard_triplet_loss` (``O(N^2)``
-  per anchor row).
+  :func:`batch_hard_triplet_loss` or :func:`semi_hard_triplet_loss`
+  (``O(N^2)``).
 
   Examples:
     >>> x = jnp.array([[0., 0.], [0., 1.], [3., 0.], [3., 1.]])
@@ -222,12 +222,16 @@ def semi_hard_triplet_loss(embeddings: jax.Array, labels: jax.Array, *,
   """
   _common.check_scalars(margin=margin)
   d, pos, neg = _mined_view(embeddings, labels, metric, axis_name, memory)
-  d_ap = d[:, :, None]                            # [n, C(p), 1]
-  d_an = d[:, None, :]                            # [n, 1, C(n)]
-  farther = neg[:, None, :] & (d_an > d_ap)       # [n, C, C]
-  has_farther = jnp.any(farther, axis=2)
-  semi_hard = _common.masked_min(jnp.broadcast_to(d_an, farther.shape),
-                                 farther, axis=2)
+  # Each row's negative distances in ascending order (the others last, as
+  # +inf): the closest negative farther than d(a, p) is the first entry past
+  # d(a, p), found by a binary search, so memory stays O(N^2) rather than
+  # the O(N^3) of comparing every (p, n) pair.
+  sorted_neg = jnp.sort(jnp.where(neg, d, jnp.inf), axis=1)
+  first_farther = jax.vmap(
+      functools.partial(jnp.searchsorted, side="right"))(sorted_neg, d)
+  has_farther = first_farther < jnp.sum(neg, axis=1)[:, None]
+  semi_hard = jnp.take_along_axis(
+      sorted_neg, jnp.minimum(first_farther, d.shape[1] - 1), axis=1)
   farthest = _common.masked_max(d, neg)[:, None]
   chosen = jnp.where(has_farther, semi_hard, farthest)
   pairs = pos & jnp.any(neg, axis=1)[:, None]
