@@ -80,3 +80,26 @@ def test_docstring_examples_run(module_name):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+MODEL_MODULES = ("autoencoder", "cnn", "conv", "heads", "mlp", "norm", "resnet")
+
+
+@pytest.mark.parametrize("name", MODEL_MODULES)
+def test_model_modules_export_explicitly(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import models  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"contrastive_jax.models.{name}")
+  assert len(set(module.__all__)) == len(module.__all__)
+  for export in module.__all__:
+    assert hasattr(module, export), export
+  # Every public module or function defined here is exported.
+  defined = {n for n, v in vars(module).items()
+             if not n.startswith("_") and getattr(v, "__module__", "") ==
+             module.__name__ and (inspect.isfunction(v) or (
+                 inspect.isclass(v) and issubclass(v, nn.Module)))}
+  assert defined <= set(module.__all__), defined - set(module.__all__)
+  assert set(models.__all__) <= {
+      n for m in MODEL_MODULES for n in importlib.import_module(
+          f"contrastive_jax.models.{m}").__all__}

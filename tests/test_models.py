@@ -305,6 +305,10 @@ def test_classifier_head_scale_and_bias_options():
     assert set(variables["params"]["logits"]) == {"kernel"}
     kernel = variables["params"]["logits"]["kernel"]
     assert np.all(np.abs(kernel) <= 1 / np.sqrt(6))
+    # With a bias, torch_init draws it as nn.Linear does, from the same range.
+    bias = ClassifierHead(num_classes=500, torch_init=True).init(
+        jax.random.key(0), x)["params"]["logits"]["bias"]
+    assert np.all(np.abs(bias) <= 1 / np.sqrt(6)) and np.abs(bias).max() > 0.9 / np.sqrt(6)
     np.testing.assert_allclose(head.apply(variables, x), (x @ kernel) / 9, rtol=1e-6)
 
 
@@ -348,6 +352,32 @@ def test_unbatched_input_is_refused(model):
     shape = (64,) if isinstance(model, MLP) else (32, 32, 3)
     with pytest.raises(ValueError, match=r"expects \(batch.*\(" + str(shape[0])):
         _shapes(model, shape)
+
+
+@pytest.mark.parametrize("head", [ProjectionHead(hidden_dim=8, output_dim=4),
+                                  ClassifierHead(num_classes=3), HashHead(num_bits=8)])
+def test_heads_refuse_a_lone_vector(head):
+    # (A ProjectionHead would batch-normalise it over nothing: all zeros.)
+    with pytest.raises(ValueError, match=r"shape \(batch, features\), got shape \(20,\)"):
+        _shapes(head, (20,))
+
+
+@pytest.mark.parametrize("make", [
+    lambda fast: SmallCNN(features=(4, 8), embedding_dim=4, cpu_kernel_grad=fast),
+    lambda fast: FastCNN(widths=(4, 4, 4), cpu_kernel_grad=fast),
+    lambda fast: ResNet(stage_sizes=(1, 1), num_filters=4, cpu_kernel_grad=fast)])
+def test_cpu_kernel_grad_false_allows_forward_mode(make):
+    x = _images((2, 8, 8, 3))
+    variables = _init(make(True), x)
+    fast = lambda x: _apply(make(True), variables, x)
+    plain = lambda x: _apply(make(False), variables, x)
+    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(fast, (x,), (x,))
+    _, tangent = jax.jvp(plain, (x,), (x,))
+    eps = 1e-2
+    finite = (plain(x * (1 + eps)) - plain(x * (1 - eps))) / (2 * eps)
+    np.testing.assert_allclose(tangent, finite, rtol=0.05, atol=0.05 * np.abs(finite).max())
 
 
 def test_resnet_imagenet_stem_shapes():
@@ -702,6 +732,8 @@ def test_autoencoder(shape):
 
 
 def test_autoencoder_rejects_indivisible_shape():
+    with pytest.raises(ValueError, match="at least one encoder stage"):
+        _shapes(ConvAutoencoder(features=()), (2, 32, 32, 3))
     with pytest.raises(ValueError, match="divisible"):
         _shapes(ConvAutoencoder(image_shape=(6, 6, 1)), (2, 6, 6, 1))
     with pytest.raises(ValueError, match="image_shape"):

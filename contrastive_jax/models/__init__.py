@@ -1,8 +1,10 @@
 """Encoders and heads (flax.linen) for contrastive and metric learning.
 
 Every module takes ``dtype`` (computation) and ``param_dtype`` (kept float32),
-and is called as ``module.apply(variables, x, train=...)``; modules with
-BatchNorm take ``axis_name`` so statistics can be synchronised across devices.
+and is called as ``module.apply(variables, x, train=...)``, except
+``BatchNormAct``, which, as flax's ``BatchNorm``, takes
+``use_running_average`` instead; modules with BatchNorm take ``axis_name`` so
+statistics can be synchronised across devices.
 """
 
 from contrastive_jax.models.autoencoder import ConvAutoencoder, reconstruction_loss

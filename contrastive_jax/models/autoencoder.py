@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = ["ConvAutoencoder", "reconstruction_loss"]
+
 Dtype = Any
 
 
@@ -51,6 +53,8 @@ class ConvAutoencoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        if not self.features:
+            raise ValueError("features must name at least one encoder stage, got ().")
         height, width, _ = self.image_shape
         factor = 2 ** len(self.features)
         if height % factor or width % factor:

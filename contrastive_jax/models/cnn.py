@@ -10,7 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.conv import conv_general_dilated
+from contrastive_jax.models.conv import select_conv
+
+__all__ = ["FastCNN", "SmallCNN", "check_image_batch", "patch_whitening_kernel",
+           "torch_dirac_init", "torch_uniform_init"]
 
 Dtype = Any
 
@@ -35,6 +38,7 @@ class SmallCNN(nn.Module):
         embedding_dim: output width.
         features: channels of the convolutions, one pooled stage each.
         pooling: ``"flatten"`` (design documents) or ``"global"`` (spatial mean).
+        cpu_kernel_grad: see ``ResNet`` (False for forward-mode autodiff).
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -45,6 +49,7 @@ class SmallCNN(nn.Module):
     embedding_dim: int = 128
     features: Sequence[int] = (64, 128)
     pooling: str = "flatten"
+    cpu_kernel_grad: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -58,7 +63,7 @@ class SmallCNN(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype,
-                        conv_general_dilated=conv_general_dilated,
+                        conv_general_dilated=select_conv(self.cpu_kernel_grad),
                         param_dtype=self.param_dtype, name=f"conv_{i}")(x)
             x = _max_pool_2x2(nn.relu(x))
         if self.pooling == "global":
@@ -217,6 +222,7 @@ class FastCNN(nn.Module):
             the exact erf form (PyTorch's ``nn.GELU()``, airbench's).
         bn_momentum: BatchNorm running-average momentum (flax convention).
         axis_name: mapped axis over which BatchNorm statistics are averaged.
+        cpu_kernel_grad: see ``ResNet`` (False for forward-mode autodiff).
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -239,6 +245,7 @@ class FastCNN(nn.Module):
     gelu_approximate: bool = True
     bn_momentum: float = 0.9
     axis_name: str | None = None
+    cpu_kernel_grad: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -253,7 +260,7 @@ class FastCNN(nn.Module):
         init = {"kernel_init": torch_dirac_init} if self.torch_init else {}
         gelu = functools.partial(nn.gelu, approximate=self.gelu_approximate)
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                                 conv_general_dilated=conv_general_dilated,
+                                 conv_general_dilated=select_conv(self.cpu_kernel_grad),
                                  dtype=self.dtype, param_dtype=self.param_dtype, **init)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=self.norm_epsilon,

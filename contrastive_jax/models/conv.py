@@ -29,7 +29,7 @@ from jax import lax
 
 from contrastive_jax.models._varying import varying_axes
 
-__all__ = ["conv_general_dilated"]
+__all__ = ["conv_general_dilated", "select_conv"]
 
 _SPECS = ("NHWC", "HWIO", "NHWC")
 
@@ -143,3 +143,9 @@ def _match_varying(x, w):
   if vw - vx:
     x = lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
   return x, w
+
+
+def select_conv(cpu_kernel_grad: bool):
+  """The convolution a model passes to ``nn.Conv``: this module's (reverse
+  mode only) or ``lax.conv_general_dilated`` (forward mode too)."""
+  return conv_general_dilated if cpu_kernel_grad else lax.conv_general_dilated

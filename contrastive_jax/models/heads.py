@@ -12,6 +12,16 @@ from contrastive_jax.models.cnn import torch_uniform_init
 
 Dtype = Any
 
+__all__ = ["ClassifierHead", "HashHead", "ProjectionHead", "hash_scale"]
+
+
+def _check_features(name: str, x) -> None:
+    """Heads take ``[batch, features]``: a lone vector would be normalised
+    over no batch (BatchNorm then outputs its bias whatever the input)."""
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"{name} expects features of shape (batch, features),"
+                         f" got shape {jnp.shape(x)}.")
+
 
 class ProjectionHead(nn.Module):
     """SimCLR projection MLP: ``(Dense -> BN -> ReLU) x (num_layers - 1)``, then ``Dense``.
@@ -49,6 +59,7 @@ class ProjectionHead(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        _check_features("ProjectionHead", x)
         x = jnp.asarray(x, self.dtype)
 
         def norm(name: str, use_bias: bool = True) -> nn.BatchNorm:
@@ -75,8 +86,9 @@ class ClassifierHead(nn.Module):
         use_bias: add a bias.
         logit_scale: a constant multiplying the logits (airbench: 1/9, which
             with label smoothing slows the last layer's saturation).
-        torch_init: PyTorch's default ``Linear`` init (uniform with bound
-            ``1 / sqrt(fan_in)``) instead of flax's LeCun normal.
+        torch_init: PyTorch's default ``Linear`` init (kernel and bias
+            uniform with bound ``1 / sqrt(fan_in)``) instead of flax's LeCun
+            normal kernel and zero bias.
         dtype: computation dtype.
         param_dtype: parameter dtype.
 
@@ -94,7 +106,15 @@ class ClassifierHead(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         # No train-dependent behaviour; the argument keeps call sites uniform.
         del train
-        init = {"kernel_init": torch_uniform_init} if self.torch_init else {}
+        _check_features("ClassifierHead", x)
+        init = {}
+        if self.torch_init:
+            bound = 1.0 / x.shape[-1] ** 0.5
+
+            def bias_init(key, shape, dtype=jnp.float32):
+                return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+            init = {"kernel_init": torch_uniform_init, "bias_init": bias_init}
         logits = nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="logits",
                           **init)(jnp.asarray(x, self.dtype))
@@ -130,6 +150,7 @@ class HashHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, scale: float | jax.Array = 1.0,
                  train: bool = False) -> jax.Array:
+        _check_features("HashHead", x)
         z = nn.Dense(self.num_bits, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="codes")(jnp.asarray(x, self.dtype))
         if train:
