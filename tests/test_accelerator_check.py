@@ -271,7 +271,7 @@ def test_cifar_part_fits_epochs_after_calibrating(tmp_path):
   assert "error" not in res, res.get("error")
   r = res["result"]
   assert r["status"] == "completed" and not r["stopped_by_budget"]
-  assert r["total_steps"] == cal["fitted_epochs"] * (1258 // 64)
+  assert r["total_steps"] == cal["fitted_epochs"] * (1257 // 64)
   assert f"{cal['fitted_epochs']} epochs fitted" in ac.format_table(
       {"meta": {}, "parts": {"cifar": res}})
 

@@ -431,6 +431,25 @@ def test_epochs_are_permutations_and_deterministic():
   assert not np.array_equal(other["label"], batches[0]["label"])
 
 
+def test_batches_need_no_host_to_device_copy():
+  """After the first (compiling) batch the step stays on the device, across
+  an epoch boundary (40 examples, batches of 8: 5 per epoch)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  labels = np.arange(40) % 4
+  sharded = NamedSharding(jax.make_mesh((4,), ("data",), devices=jax.devices()[:4]),
+                          P("data"))
+  for sharding in (None, sharded):
+    d = data.put_on_device(_images(40, size=8), labels, sharding=sharding)
+    for balanced in ({}, dict(classes_per_batch=4, examples_per_class=2,
+                             num_classes=4)):
+      it = data.device_batches(d, key=jax.random.key(0), batch_size=8,
+                               num_steps=7, **balanced)
+      jax.block_until_ready(next(it))
+      with jax.transfer_guard_host_to_device("disallow"):
+        for b in it:
+          jax.block_until_ready(b)
+
+
 def test_resume_and_pure_sample_batch_agree():
   d = _indexed(40)
   key = jax.random.key(7)

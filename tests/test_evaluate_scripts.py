@@ -61,9 +61,9 @@ def test_evaluate_json(run, evaluated):
     assert json.load(f) == res
   assert res["split"] == "validation" and res["step"] == 20
   assert res["weights"] == "online"  # the digits config keeps no average
-  assert res["num_classes"] == 10 and res["num_train"] == 1258
+  assert res["num_classes"] == 10 and res["num_train"] == 1257
   n = res["num_queries"]
-  assert n == 539
+  assert n == 540
   # k = 20 and 200 always, and the config's own k (10 for digits).
   assert set(res["knn"]) == {"top1_k10", "top5_k10", "top1_k20", "top5_k20",
                              "top1_k200", "top5_k200"}

@@ -151,6 +151,15 @@ def test_every_documented_config_flag_is_a_key_of_every_config():
         node = node[part]
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_config_arguments_are_checked(family):
+  module = FAMILIES[family]
+  for arg in (None, *module.ARGS):
+    module.get_config(arg)
+  with pytest.raises(ValueError, match="takes no argument or one of"):
+    module.get_config("run_local")  # would otherwise be the full-size run
+
+
 def test_base_config_keys_hold_the_library_defaults():
   """The base config spells out keys the library also reads with defaults
   (for configs saved before a key existed); the two must not drift apart."""
@@ -229,6 +238,26 @@ def _small_digits(**overrides):
   for k, v in overrides.items():
     c.update_from_flattened_dict({k: v})
   return c
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"checkpoint.every_steps": 0}, "checkpoint.every_steps must be"),
+    ({"checkpoint.keep": 0}, "checkpoint.keep must be an int >= 1"),
+    ({"num_steps": 0, "num_epochs": 0}, "both are 0"),
+    ({"num_devices": 99}, "only 8 devices"),
+    ({"num_devices": 3}, "batch_size=64 must be divisible by the 3"),
+    ({"batch_size": 60}, "batch_size=60 must be divisible by the 8"),
+    ({"eval_every": -1}, "eval_every must be an int >= 0"),
+    ({"loss.labels": "instances"}, "loss.labels must be 'class' or"),
+    ({"optimizer.learning_rate": -1.0}, "learning_rate must be >= 0"),
+    ({"optimizer.warmup_steps": -10}, "warmup_steps must be >= 0"),
+])
+def test_bad_run_settings_are_refused_before_anything_is_written(
+    tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    training.train_and_evaluate(_small_digits(**overrides), str(tmp_path / "wd"))
+  assert not [f for f in (tmp_path / "wd").rglob("*") if f.is_file()]
 
 
 def test_default_digits_config_is_a_short_cpu_run():
@@ -437,6 +466,74 @@ def test_state_saved_before_a_field_existed_restores(tmp_path):
                      match=r"holds the state fields.*left\s+untouched"):
     ck.restore_latest(state_lib.abstract_state(with_ema))
   assert ck.all_steps() == [7] and not (tmp_path / "checkpoints_corrupt").exists()
+  ck.close()
+
+
+def test_checkpointer_refuses_intact_mismatches_and_reads_only(tmp_path):
+  """A readable checkpoint whose arrays do not fit the state (another
+  optimizer chain) is refused, untouched; read-only use never moves one."""
+  from contrastive_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  state = {"params": {"w": np.arange(3.0)}, "opt_state": [np.ones(3)]}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), fingerprint="f", async_save=False)
+  ck.save(5, state)
+  ck.wait()
+  other = {"params": {"w": np.arange(3.0)},
+           "opt_state": [{"count": np.int32(0)}, np.ones(3)]}
+  with pytest.raises(training.IncompatibleCheckpointError,
+                     match=r"readable but its arrays\s+do not fit"):
+    ck.restore_latest(jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+        other))
+  assert ck.all_steps() == [5] and not (tmp_path / "checkpoints_corrupt").exists()
+  ck.close()
+  # A corrupt one: a reader skips it and moves nothing; a trainer sets it aside.
+  for f in (tmp_path / "checkpoints" / "5" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  reader = ckpt_lib.Checkpointer(str(tmp_path), fingerprint="f",
+                                 async_save=False, read_only=True)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), state)
+  assert reader.restore_latest(abstract) == (None, None)
+  reader.close()
+  assert (tmp_path / "checkpoints" / "5").is_dir()
+  assert not (tmp_path / "checkpoints_corrupt").exists()
+  writer = ckpt_lib.Checkpointer(str(tmp_path), fingerprint="f",
+                                 async_save=False)
+  assert writer.restore_latest(abstract) == (None, None)
+  writer.close()
+  assert list((tmp_path / "checkpoints_corrupt").iterdir())
+  for keep in (0, -1, 2.0):
+    with pytest.raises(ValueError, match="checkpoint.keep must be an int >= 1"):
+      ckpt_lib.Checkpointer(str(tmp_path / "k"), fingerprint="f", keep=keep)
+
+
+def test_checkpoints_carry_their_config(tmp_path):
+  """Saved before an option existed, a checkpoint stays accepted once the
+  option is at its neutral default, whatever config.json says by then; a
+  real difference is refused."""
+  from contrastive_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  state = {"w": np.arange(3.0)}
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float64)}
+  old_cfg = {"seed": 0, "model": {"width": (4, 8)}}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), fingerprint="old", config=old_cfg,
+                             async_save=False)
+  ck.save(3, state)
+  ck.close()
+  new_cfg = dict(old_cfg, lookahead_period=0)  # added later, neutral
+  ck = ckpt_lib.Checkpointer(
+      str(tmp_path), config=new_cfg, async_save=False,
+      fingerprint=ckpt_lib.config_fingerprint(new_cfg))
+  restored, step = ck.restore_latest(abstract)
+  assert step == 3
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  ck.close()
+  ck = ckpt_lib.Checkpointer(
+      str(tmp_path), config=dict(new_cfg, lookahead_period=5),
+      fingerprint="other", async_save=False)
+  with pytest.raises(training.IncompatibleCheckpointError,
+                     match=r"lookahead_period: \(absent\) -> 5"):
+    ck.restore_latest(abstract)
   ck.close()
 
 

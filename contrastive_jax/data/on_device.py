@@ -31,6 +31,7 @@ before the first batch).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from typing import Iterator, NamedTuple, Sequence
@@ -463,40 +464,43 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
                                        num_classes)
     check_class_shards(class_counts, classes_per_batch)
 
+  # Each branch's ``advance(carry) -> (batch, carry)`` keeps the step (and
+  # the epoch's order) on the device: no host-to-device copy per batch.
   if not axes:
     if balanced:
-      fn = jax.jit(functools.partial(
+      sample = functools.partial(
           sample_batch, batch_size=batch_size,
           classes_per_batch=classes_per_batch,
           examples_per_class=examples_per_class, num_classes=num_classes,
-          **opts))
-      step_fn = lambda s: fn(key, data, s)
+          **opts)
+      advance = jax.jit(lambda d, s: (sample(key, d, s), s + 1))
+      carry = jnp.int32(start_step)
     else:
-      # The epoch's permutation is computed once per epoch, not per batch.
-      perm_fn = jax.jit(epoch_permutation, static_argnums=2)
-      batch_fn = jax.jit(
-          lambda k, d, perm, i, s: make_batch(
-              k, d, jax.lax.dynamic_slice_in_dim(perm, i * local_batch,
-                                                 local_batch), s, **opts))
       order_key = jax.random.fold_in(key, _ORDER)
-      cache = {}
 
-      def step_fn(s):
-        epoch, i = divmod(s, spe)
-        if cache.get("epoch") != epoch:
-          cache["epoch"], cache["perm"] = epoch, perm_fn(order_key, epoch,
-                                                         n_local)
-        return batch_fn(key, data, cache["perm"], i, s)
+      def next_batch(d, perm, s):
+        # The epoch's permutation is drawn once, at its first batch.
+        epoch, i = jnp.divmod(s, spe)
+        perm = jax.lax.cond(
+            i == 0, lambda: epoch_permutation(order_key, epoch, n_local),
+            lambda: perm)
+        idx = jax.lax.dynamic_slice_in_dim(perm, i * local_batch, local_batch)
+        return make_batch(key, d, idx, s, **opts), (perm, s + 1)
+
+      advance = jax.jit(lambda d, c: next_batch(d, *c))
+      carry = (epoch_permutation(order_key, start_step // spe, n_local),
+               jnp.int32(start_step))
+    step_fn = lambda c: advance(data, c)
   else:
     step_fn = _sharded_step_fn(
         data, key, sharding, axes, local_batch, balanced, classes_per_batch,
         examples_per_class, num_classes, shards, opts,
         None if class_counts is None else class_counts.sum(0))
+    carry = jnp.int32(start_step)
 
-  s = start_step
-  while num_steps is None or s < start_step + num_steps:
-    yield step_fn(s)
-    s += 1
+  for _ in (itertools.count() if num_steps is None else range(num_steps)):
+    batch, carry = step_fn(carry)
+    yield batch
 
 
 def _sharded_step_fn(data, key, sharding, axes, local_batch, balanced, p, k,
@@ -522,10 +526,12 @@ def _sharded_step_fn(data, key, sharding, axes, local_batch, balanced, p, k,
                           batch_size=local_batch)
     return make_batch(shard_key, DeviceData(images, labels), idx, step, **opts)
 
-  fn = jax.jit(jax.shard_map(
+  fn = jax.shard_map(
       local, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, PartitionSpec()),
-      out_specs=spec, check_vma=False))
-  return lambda s: fn(key, data.images, data.labels, jnp.int32(s))
+      out_specs=spec, check_vma=False)
+  advance = jax.jit(lambda k, images, labels, s: (fn(k, images, labels, s),
+                                                  s + 1))
+  return lambda s: advance(key, data.images, data.labels, s)
 
 
 def _shard_index(mesh, axes):

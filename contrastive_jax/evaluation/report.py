@@ -206,7 +206,8 @@ def load_run(workdir: str, *, data_dir: str | None = None,
   config_dict = config.to_dict()
   checkpointer = ckpt_lib.Checkpointer(
       workdir, fingerprint=ckpt_lib.config_fingerprint(config_dict),
-      keep=max(len(_saved_steps(ckpt_dir)), 1), async_save=False)
+      config=config_dict, keep=max(len(_saved_steps(ckpt_dir)), 1),
+      async_save=False, read_only=True)
   try:
     restored, step = checkpointer.restore_latest(
         state_lib.abstract_state(state))
@@ -215,8 +216,7 @@ def load_run(workdir: str, *, data_dir: str | None = None,
   finally:
     checkpointer.close()
   if restored is None:
-    _fail(f"No readable checkpoint in {ckpt_dir} (unreadable ones were moved"
-          f" to {os.path.join(workdir, 'checkpoints_corrupt')}).")
+    _fail(f"No readable checkpoint in {ckpt_dir}.")
   if online and not restored.ema:
     _fail(f"{workdir} kept no weight average (its ema_decay is"
           f" {config.get('ema_decay', 0.0)}, its lookahead_period"

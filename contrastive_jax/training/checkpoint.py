@@ -9,17 +9,22 @@
   committed atomically: a process killed mid-save leaves an uncommitted
   temporary folder that orbax ignores.
 * Restore tries the latest step first; a checkpoint that cannot be read
-  (partial, corrupt) is reported, moved to ``workdir/checkpoints_corrupt/``,
-  and the previous one is tried. A state saved before a ``TrainState``
-  field existed restores with that field empty when it is empty now (an
-  option that is off); other differences of fields are refused, untouched.
+  (partial, corrupt) is reported, moved to ``workdir/checkpoints_corrupt/``
+  (only skipped when ``read_only``, as evaluation opens it), and the
+  previous one is tried. A state saved before a ``TrainState`` field
+  existed restores with that field empty when it is empty now (an option
+  that is off); other differences of fields, and a readable checkpoint whose
+  arrays do not fit the state (another optimizer chain or model), are
+  refused, untouched.
 * A workdir whose ``config.json`` (or checkpoint fingerprint) comes from an
   incompatible config raises ``IncompatibleCheckpointError`` before anything
   is written. Keys in ``RESUME_SAFE_KEYS`` (run length, logging, checkpoint
   and evaluation settings) may change between restarts, and options added
   to the config since the run was saved may be present at their neutral
   default (its checkpoints' fingerprint, that of the saved ``config.json``,
-  is then accepted).
+  is then accepted). Each checkpoint also records its config, so one
+  written before such an upgrade stays accepted by the same rule after
+  ``config.json`` has been rewritten.
 """
 
 from __future__ import annotations
@@ -91,6 +96,12 @@ def _diff(old, new, prefix=""):
   return [d.replace(".:", ":") for d in out]
 
 
+def _comparable(config_dict: Mapping[str, Any]) -> dict:
+  """The config as JSON reads it back (tuples as lists), less the
+  resume-safe keys."""
+  return compatible_view(json.loads(json.dumps(config_dict, default=str)))
+
+
 def check_workdir_config(workdir: str, config_dict: Mapping[str, Any]
                          ) -> str | None:
   """Raises if ``workdir`` has checkpoints of an incompatible config.
@@ -109,8 +120,7 @@ def check_workdir_config(workdir: str, config_dict: Mapping[str, Any]
     return None
   with open(path) as f:
     old = json.load(f)
-  diffs = _diff(compatible_view(old), compatible_view(
-      json.loads(json.dumps(config_dict, default=str))))
+  diffs = _diff(compatible_view(old), _comparable(config_dict))
   if diffs:
     raise IncompatibleCheckpointError(
         f"Workdir {workdir} holds checkpoints of a different config; it is"
@@ -150,17 +160,26 @@ class Checkpointer:
   """Save / restore-with-fallback around ``ocp.CheckpointManager``."""
 
   def __init__(self, workdir: str, *, fingerprint: str, keep: int = 3,
-               async_save: bool = True, also_accept: Sequence[str | None] = ()):
-    """``fingerprint`` is written into each save; restores accept it and the
-    fingerprints in ``also_accept`` (see ``check_workdir_config``)."""
+               async_save: bool = True, also_accept: Sequence[str | None] = (),
+               config: Mapping[str, Any] | None = None,
+               read_only: bool = False):
+    """``fingerprint`` (and ``config``, when given) is written into each
+    save; restores accept a checkpoint whose recorded config differs from
+    ``config`` only as ``check_workdir_config`` allows, else one whose
+    fingerprint is ``fingerprint`` or in ``also_accept``. ``read_only``:
+    never write, move or delete (unreadable checkpoints are skipped)."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+      raise ValueError(f"checkpoint.keep must be an int >= 1, got {keep!r}.")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._corrupt_dir = os.path.abspath(
         os.path.join(workdir, "checkpoints_corrupt"))
     self._fingerprint = fingerprint
     self._accepted = {fingerprint, *(f for f in also_accept if f)}
+    self._config = None if config is None else _comparable(config)
+    self._read_only = read_only
     self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save and not read_only)
     self._manager = self._new_manager()
 
   def _new_manager(self):
@@ -190,7 +209,9 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
-      if meta.get("config_fingerprint") not in self._accepted:
+      self._check_config(step, meta)
+      if (meta.get("config") is None
+          and meta.get("config_fingerprint") not in self._accepted):
         raise IncompatibleCheckpointError(
             f"Checkpoint {self.directory}/{step} was written by a config with"
             f" fingerprint {meta.get('config_fingerprint')}, not"
@@ -206,6 +227,13 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))["state"]
       except Exception as e:  # pylint: disable=broad-except
+        if self._readable(step):
+          raise IncompatibleCheckpointError(
+              f"Checkpoint {self.directory}/{step} is readable but its arrays"
+              " do not fit this run's training state (another optimizer"
+              " chain, model or version of contrastive_jax wrote it):"
+              f" {type(e).__name__}: {str(e)[:500]}. It is left untouched;"
+              " use another --workdir, or the code that wrote it.") from e
         self._set_aside(step, e)
         continue
       if fill is not None:
@@ -214,6 +242,27 @@ class Checkpointer:
                    self.directory)
       return restored, step
     return None, None
+
+  def _check_config(self, step: int, meta: Mapping[str, Any]) -> None:
+    saved = meta.get("config")
+    if saved is None or self._config is None:
+      return
+    diffs = _diff(saved, self._config)
+    if diffs:
+      raise IncompatibleCheckpointError(
+          f"Checkpoint {self.directory}/{step} was written by a different"
+          " config; it is left untouched. Differences (saved -> requested):"
+          "\n  " + "\n  ".join(diffs) + "\nUse another --workdir, or delete"
+          " this one to start over.")
+
+  def _readable(self, step: int) -> bool:
+    """Whether the saved state reads back as it was saved (no target)."""
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))
+      return True
+    except Exception:  # pylint: disable=broad-except
+      return False
 
   def _saved_fields(self, step: int) -> set[str] | None:
     """Top-level names of the saved state's tree (``None``: not a dict)."""
@@ -250,6 +299,11 @@ class Checkpointer:
 
   def _set_aside(self, step: int, error: Exception) -> None:
     src = os.path.join(self.directory, str(step))
+    if self._read_only:
+      logging.warning("Checkpoint %s cannot be read (%s: %s); trying the"
+                      " previous one.", src, type(error).__name__,
+                      str(error)[:300])
+      return
     dst = os.path.join(self._corrupt_dir, f"{step}-{int(time.time())}")
     logging.warning(
         "Checkpoint %s cannot be read (%s: %s); moving it to %s and falling"
@@ -266,6 +320,8 @@ class Checkpointer:
       return False
     meta = {"step": int(step), "data_position": int(step),
             "config_fingerprint": self._fingerprint, "time": time.time()}
+    if self._config is not None:
+      meta["config"] = self._config
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),

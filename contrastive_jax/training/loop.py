@@ -64,6 +64,38 @@ _WHITEN_INIT_IMAGES = 1024
 _MAX_STEPS_AHEAD = 4
 
 
+def check_run_config(config) -> None:
+  """Refuses run settings that would fail late (after files are written) or
+  silently do something else."""
+
+  def check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+        value < minimum):
+      raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+
+  check_int("batch_size", config.batch_size, 1)
+  check_int("num_steps", config.get("num_steps", 0), 0)
+  check_int("num_epochs", config.get("num_epochs", 0), 0)
+  if not config.get("num_steps", 0) and not config.get("num_epochs", 0):
+    raise ValueError("Set num_steps or num_epochs: both are 0.")
+  check_int("eval_every", config.get("eval_every", 0), 0)
+  step_lib.check_loss_config(config.loss)
+  optim.check_schedule_config(config.optimizer)
+  cc = config.checkpoint
+  check_int("checkpoint.every_steps", cc.get("every_steps", 1000), 1)
+  check_int("checkpoint.keep", cc.get("keep", 3), 1)
+  num_devices = config.get("num_devices", 0)
+  check_int("num_devices", num_devices, 0)
+  if num_devices > jax.device_count():
+    raise ValueError(f"num_devices={num_devices}, but there are only"
+                     f" {jax.device_count()} devices.")
+  shards = num_devices or jax.device_count()
+  if config.batch_size % shards:
+    raise ValueError(
+        f"batch_size={config.batch_size} must be divisible by the {shards}"
+        " devices the batch is split over (or set num_devices).")
+
+
 def total_steps(config, num_train: int) -> int:
   if config.get("num_steps", 0) > 0:
     return int(config.num_steps)
@@ -324,7 +356,8 @@ def train_and_evaluate(config, workdir: str, *,
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   config_dict = config.to_dict()
-  # Refuse an incompatible workdir before writing anything into it.
+  # Refuse bad settings and an incompatible workdir before writing anything.
+  check_run_config(config)
   saved_fingerprint = ckpt_lib.check_workdir_config(workdir, config_dict)
   os.makedirs(workdir, exist_ok=True)
 
@@ -338,8 +371,8 @@ def train_and_evaluate(config, workdir: str, *,
   cc = config.checkpoint
   checkpointer = ckpt_lib.Checkpointer(
       workdir, fingerprint=ckpt_lib.config_fingerprint(config_dict),
-      keep=int(cc.get("keep", 3)), async_save=bool(cc.get("async_save", True)),
-      also_accept=(saved_fingerprint,))
+      keep=cc.get("keep", 3), async_save=bool(cc.get("async_save", True)),
+      also_accept=(saved_fingerprint,), config=config_dict)
   restored, start = checkpointer.restore_latest(
       state_lib.abstract_state(state))
   if restored is not None:

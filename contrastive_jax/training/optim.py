@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["is_sam", "is_norm_bias", "make_schedule", "make_optimizer",
+__all__ = ["check_schedule_config", "is_sam", "is_norm_bias", "make_schedule",
+           "make_optimizer",
            "peak_learning_rate"]
 
 
@@ -42,6 +43,19 @@ def peak_learning_rate(opt_config, batch_size: int) -> float:
   if opt_config.get("lr_batch_scaling", False):
     lr *= batch_size / 256.0  # SimCLR's linear scaling rule.
   return lr
+
+
+def check_schedule_config(opt_config) -> None:
+  """Raises a ValueError for learning-rate settings no schedule can mean."""
+  if not float(opt_config.learning_rate) >= 0:
+    raise ValueError(
+        f"optimizer.learning_rate must be >= 0, got {opt_config.learning_rate}.")
+  for key in ("warmup_steps", "warmup_epochs"):
+    if not float(opt_config.get(key, 0)) >= 0:
+      raise ValueError(f"optimizer.{key} must be >= 0, got {opt_config.get(key)}.")
+  fraction = float(opt_config.get("warmup_fraction", 0.0))
+  if fraction and not 0.0 < fraction < 1.0:
+    raise ValueError(f"optimizer.warmup_fraction must be in (0, 1), got {fraction}.")
 
 
 def make_schedule(opt_config, *, total_steps: int, batch_size: int,
@@ -64,6 +78,7 @@ def make_schedule(opt_config, *, total_steps: int, batch_size: int,
     ``get_lr(step) * peak``;
   * ``"constant"``: the peak, after the linear warmup from 0.
   """
+  check_schedule_config(opt_config)
   peak = peak_learning_rate(opt_config, batch_size)
   name = opt_config.get("schedule", "warmup_cosine")
   warmup = int(opt_config.get("warmup_steps", 0))
@@ -71,11 +86,10 @@ def make_schedule(opt_config, *, total_steps: int, batch_size: int,
     warmup = int(float(opt_config.warmup_epochs) * steps_per_epoch)
   fraction = float(opt_config.get("warmup_fraction", 0.0))
   if fraction:
-    if not 0.0 < fraction < 1.0:
-      raise ValueError(f"optimizer.warmup_fraction must be in (0, 1), got {fraction}.")
     warmup = int(fraction * total_steps)
-  if warmup >= total_steps > 0:
+  if warmup >= total_steps > 1:
     # Smoke runs of a few steps do this on purpose; a real run should not.
+    # (Evaluation builds the model with a 1-step schedule: no warning.)
     logging.warning("The %d warmup steps cover the whole run of %d steps: the"
                     " learning rate never decays.", warmup, total_steps)
   if name == "constant":

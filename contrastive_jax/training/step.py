@@ -189,6 +189,20 @@ def guard_traces(fn: Callable, *, max_traces: int, name: str) -> Callable:
   return wrapped
 
 
+def check_loss_config(lc) -> None:
+  """Raises a ValueError for ``config.loss`` settings the step would misread."""
+  if lc.get("labels", "class") not in ("class", "instance"):
+    raise ValueError("loss.labels must be 'class' or 'instance', got"
+                     f" {lc.get('labels')!r}.")
+  label_smoothing = float(lc.get("label_smoothing", 0.0))
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(
+        f"loss.label_smoothing must be in [0, 1), got {label_smoothing}.")
+  if label_smoothing and not float(lc.get("ce_weight", 0.0)):
+    raise ValueError("loss.label_smoothing smooths the classifier's"
+                     " cross-entropy: set loss.ce_weight > 0 as well.")
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], config,
                     mesh: Mesh, *, max_traces: int = 1,
@@ -218,17 +232,12 @@ def make_train_step(model, tx: optax.GradientTransformation,
     ``probe_accuracy``.
   """
   lc = config.loss
+  check_loss_config(lc)
   loss_fn, paired = (registry.get_loss(lc.name) if lc.name else (None, False))
   loss_kwargs = registry._plain(lc.get("kwargs", {}) or {})  # pylint: disable=protected-access
   instance_labels = lc.get("labels", "class") == "instance"
   ce_weight = float(lc.get("ce_weight", 0.0))
   label_smoothing = float(lc.get("label_smoothing", 0.0))
-  if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(
-        f"loss.label_smoothing must be in [0, 1), got {label_smoothing}.")
-  if label_smoothing and not ce_weight:
-    raise ValueError("loss.label_smoothing smooths the classifier's"
-                     " cross-entropy: set loss.ce_weight > 0 as well.")
   rec_weight = float(lc.get("reconstruction_weight", 0.0))
   quant_weight = float(lc.get("quantization_weight", 0.0))
   metric_weight = float(lc.get("weight", 1.0))

@@ -18,7 +18,11 @@ Hardware: one accelerator or a CPU. Result: not yet measured.
 from experiments.configs import common
 
 
+ARGS = ("runlocal",)
+
+
 def get_config(arg: str | None = None):
+  common.check_arg("autoencoder_cifar10", arg, ARGS)
   c = common.base_config()
   c.dataset = "cifar10"
   c.data.augment = "none"

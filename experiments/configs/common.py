@@ -3,6 +3,13 @@
 import ml_collections
 
 
+def check_arg(config_name: str, arg: str | None, allowed) -> None:
+  """A misspelt config argument would silently launch the full-size run."""
+  if arg and arg not in allowed:
+    raise ValueError(f"{config_name} takes no argument or one of"
+                     f" {tuple(allowed)}, got {arg!r}.")
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0

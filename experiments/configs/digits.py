@@ -5,7 +5,7 @@
         --workdir=/tmp/digits_simclr
     # families: supcon (default), simclr, triplet_ce, hashing, autoencoder
 
-1,258 training / 539 held-out validation images (30%, stratified). Every
+1,257 training / 540 held-out validation images (30%, stratified). Every
 family uses ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
 2x2x64 -> 128 features), SupCon the wider ``features=(64, 128)``, and is
 evaluated by weighted kNN and a linear probe on those features. Results: ``experiments/RESULTS.md`` (commands and

@@ -18,7 +18,11 @@ Result: not yet measured (solo-learn reports ~90% linear / ~88% kNN top-1).
 from experiments.configs import common
 
 
+ARGS = ("runlocal",)
+
+
 def get_config(arg: str | None = None):
+  common.check_arg("simclr_cifar10", arg, ARGS)
   c = common.base_config()
   c.dataset = "cifar10"
   c.data.augment = "simclr"

@@ -72,7 +72,11 @@ from experiments.configs import common
 CPU_EPOCHS = 20
 
 
+ARGS = ("cpu", "cpu_wide", "cpu_whiten", "cpu_airbench", "runlocal")
+
+
 def get_config(arg: str | None = None):
+  common.check_arg("supcon_cifar10", arg, ARGS)
   if arg == "cpu_airbench":  # airbench's own loss is this one
     return cifar10_gpu.cpu_airbench()
   c = common.base_config()

@@ -94,7 +94,11 @@ from experiments.configs import common
 CPU_EPOCHS = 20
 
 
+ARGS = ("cpu", "cpu_wide", "cpu_whiten", "cpu_airbench", "runlocal")
+
+
 def get_config(arg: str | None = None):
+  common.check_arg("triplet_ce_cifar10", arg, ARGS)
   c = common.base_config()
   c.dataset = "cifar10"
   c.data.augment = "crop_flip"
