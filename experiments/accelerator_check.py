@@ -72,6 +72,8 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from experiments.benchmarks._util import min_time
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("train_step", "tiled", "cifar")
 # Seconds a part is sure to get: an earlier part's time limit leaves these
@@ -254,25 +256,6 @@ def _is_oom(err: BaseException) -> bool:
 def _err(err: BaseException) -> str:
   text = str(err).strip().splitlines()
   return f"{type(err).__name__}: {text[0][:300] if text else ''}"
-
-
-def min_time(fn: Callable[[], Any], *, repeats: int,
-             budget_s: float) -> tuple[float, int]:
-  """One warm-up call, then the minimum of ``repeats`` calls (``fn`` blocks).
-
-  A warm-up slower than ``budget_s`` is the only timed call.
-  """
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  if first > budget_s:
-    return first, 1
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best, repeats
 
 
 # ----------------------------------------------------------------------------

@@ -7,17 +7,17 @@
 
 1,257 training / 540 held-out validation images (30%, stratified). Every
 family uses ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
-2x2x64 -> 128 features), SupCon the wider ``features=(64, 128)``, and is
+2x2x64 -> 128 features), SupCon the wider ``features=(128, 256)``, and is
 evaluated by weighted kNN and a linear probe on those features. Results: ``experiments/RESULTS.md`` (commands and
 figures per family). kNN uses k = 10: with ~125 references per class, k = 20
 (solo-learn's CIFAR value, 5,000 per class) averages over too wide a
-neighbourhood (SimCLR: 95.7% at k = 20, 97.0% at k = 10).
+neighbourhood (2026-11-29's SimCLR run: 95.7% at k = 20, 97.0% at k = 10).
 
 * ``supcon``: supervised contrastive loss (T=0.1) on a 2-layer BN projection
   to 64-d, one view with a 1-pixel crop and +-10 degree rotation (no flips:
   a mirrored 2 reads as a 5).
-* ``simclr``: no labels: NT-Xent (T=0.1, batch 512) between two views of
-  each image (2-pixel crop, +-15 degrees).
+* ``simclr``: no labels: NT-Xent (T=0.2, batch 512, 2,000 steps) between
+  two views of each image (3-pixel crop, +-15 degrees).
 * ``triplet_ce``: batch-hard triplet loss (cosine, margin 0.2) on the
   features + cross-entropy of a classifier head (the design documents'
   experiment).
@@ -43,9 +43,10 @@ def get_config(arg: str | None = None):
   c.data.padding = 1
   c.data.max_degrees = 10.0
   c.model.backbone = "small_cnn"
-  # SupCon (the default) gets the wider CNN: 99.3% vs 98.7-99.1% kNN.
+  # SupCon (the default) gets a wider CNN: kNN 99.00% over seeds 0-4,
+  # against 98.78% with (64, 128) (RESULTS.md, 540-image validation split).
   c.model.backbone_kwargs = dict(
-      features=(64, 128) if family == "supcon" else (32, 64), embedding_dim=128)
+      features=(128, 256) if family == "supcon" else (32, 64), embedding_dim=128)
   c.model.projection_dim = 64
   c.model.projection_hidden_dim = 128
   c.loss.name = "supervised_contrastive"
@@ -59,12 +60,15 @@ def get_config(arg: str | None = None):
   # ~125 references per class (CIFAR-10 has 5,000): k = 10, not CIFAR's 20.
   c.eval.knn_k = 10
   if family == "simclr":
+    # Tuned on seeds 2 and 3, then run for seeds 0-4 (RESULTS.md): shifts of
+    # up to 3 pixels (2: kNN 95.96% over seeds 0-4), T = 0.2 and 2,000 steps.
+    c.num_steps = 2000
     c.batch_size = 512
     c.data.views = 2
-    c.data.padding = 2
+    c.data.padding = 3
     c.data.max_degrees = 15.0
     c.loss.name = "nt_xent"
-    c.loss.kwargs = dict(temperature=0.1)
+    c.loss.kwargs = dict(temperature=0.2)
     c.loss.labels = "instance"
     c.model.online_probe = True
   elif family == "triplet_ce":
