@@ -14,7 +14,6 @@ import pytest
 
 from contrastive_jax import data
 from contrastive_jax.data import augment_jax as aj
-from contrastive_jax.data import on_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

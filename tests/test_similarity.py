@@ -1,6 +1,5 @@
 """contrastive_jax.similarity against float64 NumPy loops."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

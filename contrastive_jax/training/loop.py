@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -19,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import evaluation
 from contrastive_jax.training import checkpoint as ckpt_lib

@@ -36,7 +36,7 @@ After the optimizer update the step keeps one of two weight copies in
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -35,7 +35,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
