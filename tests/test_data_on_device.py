@@ -267,17 +267,18 @@ def test_cutout_size_and_inside_against_numpy(cutout_size, inside):
 
 def test_augment_option_errors():
   key, x = jax.random.key(0), _images(2, size=8)
-  for opts, match in (
-      (dict(padding_mode="edge"), "padding_mode must be one of"),
-      (dict(padding_mode="reflect", padding=8), "padding_mode='reflect' needs"),
-      (dict(padding_mode="reflect", padding=-1), "padding must be an int >= 0"),
-      (dict(padding=-1), "padding must be an int >= 0"),
-      (dict(padding=2.5), "padding must be an int >= 0"),
-      (dict(cutout_size=-1), "cutout_size must be an int >= 0"),
-      (dict(cutout_size=2.5), "cutout_size must be an int >= 0"),
-      (dict(cutout_size=9), "cutout_size must be at most min"),
-      (dict(cutout_inside="yes"), "cutout_inside must be a bool")):
-    with pytest.raises(ValueError, match=match):
+  V, T = ValueError, TypeError
+  for opts, error, match in (
+      (dict(padding_mode="edge"), V, "padding_mode must be one of"),
+      (dict(padding_mode="reflect", padding=8), V, "padding_mode='reflect' needs"),
+      (dict(padding_mode="reflect", padding=-1), V, "padding must be an int >= 0"),
+      (dict(padding=-1), V, "padding must be an int >= 0"),
+      (dict(padding=2.5), T, "padding must be an int >= 0"),
+      (dict(cutout_size=-1), V, "cutout_size must be an int >= 0"),
+      (dict(cutout_size=2.5), T, "cutout_size must be an int >= 0"),
+      (dict(cutout_size=9), V, "cutout_size must be at most min"),
+      (dict(cutout_inside="yes"), V, "cutout_inside must be a bool")):
+    with pytest.raises(error, match=match):
       aj.augment_views(key, x, augment="crop_flip_cutout", **opts)
   with pytest.raises(ValueError, match="reflect"):
     aj.crop_flip(key, x, padding=8, padding_mode="reflect")
@@ -515,10 +516,10 @@ def test_eval_batches_cover_split_once():
                            for b in out])
   np.testing.assert_array_equal(labels, np.arange(21))
   assert np.asarray(out[-1]["mask"]).sum() == 5
-  for bad in (0, -4, 2.0):
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+  for bad, error in ((0, ValueError), (-4, ValueError), (2.0, TypeError)):
+    with pytest.raises(error, match="batch_size must be an int >= 1"):
       next(data.device_eval_batches(d, batch_size=bad))
-  with pytest.raises(ValueError, match="batch_size must be a positive int"):
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
     data.sample_batch(jax.random.key(0), d, 0, batch_size=0)
 
 
@@ -554,7 +555,7 @@ def test_batch_size_errors():
   d = _indexed(10)
   with pytest.raises(ValueError, match="larger than the split"):
     next(data.device_batches(d, key=jax.random.key(0), batch_size=16))
-  with pytest.raises(ValueError, match="positive int"):
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
     next(data.device_batches(d, key=jax.random.key(0), batch_size=0))
 
 

@@ -231,7 +231,7 @@ def test_freeze_key_naming_no_parameter_is_refused():
   tx = optim.make_optimizer(_opt(freeze_after_epochs={"whiten_bais": 3}), 0.1)
   with pytest.raises(ValueError, match="'whiten_bais' names no parameter"):
     tx.init(_tiny_params(np.random.default_rng(0)))
-  with pytest.raises(ValueError, match="steps_per_epoch must be >= 1"):
+  with pytest.raises(ValueError, match="steps_per_epoch must be an int >= 1"):
     optim.make_optimizer(_opt(), 0.1, steps_per_epoch=0)
 
 

@@ -133,8 +133,9 @@ def test_tiled_never_builds_the_square_matrix():
 
 def test_bad_block_size():
   x, labels = _batch(0)
-  for bad in (0, -3, 2.5):
-    with pytest.raises(ValueError, match="block_size"):
+  for bad, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError),
+                     (True, TypeError)):
+    with pytest.raises(error, match=r"block_size must be an int >= 1 \(or None\)"):
       losses.nt_xent_loss(x, labels, block_size=bad)
 
 

@@ -503,8 +503,8 @@ def test_checkpointer_refuses_intact_mismatches_and_reads_only(tmp_path):
   assert writer.restore_latest(abstract) == (None, None)
   writer.close()
   assert list((tmp_path / "checkpoints_corrupt").iterdir())
-  for keep in (0, -1, 2.0):
-    with pytest.raises(ValueError, match="checkpoint.keep must be an int >= 1"):
+  for keep, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError)):
+    with pytest.raises(error, match="checkpoint.keep must be an int >= 1"):
       ckpt_lib.Checkpointer(str(tmp_path / "k"), fingerprint="f", keep=keep)
 
 
@@ -1081,7 +1081,7 @@ def test_lookahead_config_errors():
                              total_steps=5)
   with pytest.raises(ValueError, match="needs the run's total_steps"):
     training.make_train_step(None, None, None, _lookahead_digits(), None)
-  with pytest.raises(ValueError, match="lookahead_period must be an integer"):
+  with pytest.raises(ValueError, match="lookahead_period must be an int >= 0"):
     step_lib.lookahead_settings(_lookahead_digits(lookahead_period=-1))
   with pytest.raises(ValueError, match=r"lookahead_decay must be in \[0, 1\]"):
     step_lib.lookahead_settings(_lookahead_digits(lookahead_decay=1.5))

@@ -65,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax._checks import check_int
+
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "crop_flip_cutout",
                  "crop", "crop_rotate", "simclr")
 # Borders of the padded random crop of the "crop*" policies.
@@ -132,14 +134,8 @@ def check_options(augment: str | None = None, *, padding: int = 4,
   if padding_mode not in PADDING_MODES:
     raise ValueError(
         f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
-  if isinstance(padding, bool) or not isinstance(
-      padding, (int, np.integer)) or padding < 0:
-    raise ValueError(f"padding must be an int >= 0, got {padding!r}.")
-  if isinstance(cutout_size, bool) or not isinstance(
-      cutout_size, (int, np.integer)) or cutout_size < 0:
-    raise ValueError(
-        "cutout_size must be an int >= 0 (0: min(H, W) // 2), got"
-        f" {cutout_size!r}.")
+  check_int("padding", padding, 0)
+  check_int("cutout_size", cutout_size, 0, hint=" (0: min(H, W) // 2)")
   if not isinstance(cutout_inside, (bool, np.bool_)):
     raise ValueError(f"cutout_inside must be a bool, got {cutout_inside!r}.")
   if height is None or width is None:
@@ -786,10 +782,7 @@ def augment_views(key, images, *, augment: str, views: int | None = None,
 def _check_views(views) -> int:
   if views is None:
     return 1
-  if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or (
-      views < 1):
-    raise ValueError(f"views must be None or an int >= 1, got {views!r}.")
-  return int(views)
+  return check_int("views", views, 1, hint=" (or None)")
 
 
 def crop_flip(key, images, *, padding: int = 4,

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from contrastive_jax._checks import check_int
 from contrastive_jax.data import augment_jax
 from contrastive_jax.data import sources
 
@@ -190,9 +191,7 @@ def batch_indices(key, step, *, num_examples: int, batch_size: int
 
 
 def _check_batch_size(batch_size) -> None:
-  if isinstance(batch_size, bool) or not isinstance(
-      batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  check_int("batch_size", batch_size, 1)
 
 
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -380,10 +379,7 @@ def _check_concrete_labels(labels, num_classes: int,
 def _check_pk(p, k, batch_size, num_classes):
   for arg, v in (("classes_per_batch", p), ("examples_per_class", k),
                  ("num_classes", num_classes)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(
-          f"{arg} must be a positive int for class-balanced batches, got"
-          f" {v!r}.")
+    check_int(arg, v, 1, hint=" for class-balanced batches")
   if p * k != batch_size:
     raise ValueError(
         f"classes_per_batch * examples_per_class = {p * k} must equal"

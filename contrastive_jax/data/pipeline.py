@@ -51,6 +51,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from contrastive_jax._checks import check_int
 from contrastive_jax.data import augment_jax
 from contrastive_jax.data import on_device
 from contrastive_jax.data import sources
@@ -67,10 +68,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, *,
 def check_batch_size(global_batch_size: int, *, num_devices: int,
                      process_count: int) -> int:
   """Validates ``global_batch_size``; returns the per-process batch size."""
-  if isinstance(global_batch_size, bool) or not isinstance(
-      global_batch_size, (int, np.integer)) or global_batch_size < 1:
-    raise ValueError(
-        f"global_batch_size must be a positive int, got {global_batch_size!r}.")
+  check_int("global_batch_size", global_batch_size, 1)
   if global_batch_size % num_devices:
     raise ValueError(
         f"global_batch_size={global_batch_size} must be divisible by the"
@@ -199,9 +197,7 @@ def build_tf_dataset(
         f"process_index={process_index} must be in [0, {process_count}).")
   local_batch = check_batch_size(global_batch_size, num_devices=num_devices,
                                  process_count=process_count)
-  if isinstance(start_step, bool) or not isinstance(
-      start_step, (int, np.integer)) or start_step < 0:
-    raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+  check_int("start_step", start_step, 0)
   if normalize and (mean is None or std is None):
     mean, std = sources.dataset_stats(name)  # fail before reading any data
   balanced = classes_per_batch is not None or examples_per_class is not None
@@ -340,10 +336,8 @@ def tf_batches(name: str, split: str, **kwargs: Any
 
 def _check_pk(p, k, global_batch_size, process_count) -> int:
   for arg, v in (("classes_per_batch", p), ("examples_per_class", k)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(
-          f"{arg} must be a positive int (set both classes_per_batch and"
-          f" examples_per_class), got {v!r}.")
+    check_int(arg, v, 1,
+              hint=" (set both classes_per_batch and examples_per_class)")
   if p * k != global_batch_size:
     raise ValueError(
         f"classes_per_batch * examples_per_class = {p} * {k} = {p * k} must"

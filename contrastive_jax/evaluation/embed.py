@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from contrastive_jax.evaluation.metrics import check_positive_int
+from contrastive_jax._checks import check_int
 
 __all__ = ["embed"]
 
@@ -87,7 +87,7 @@ def embed(
   """
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn)}.")
-  batch_size = check_positive_int("batch_size", batch_size)
+  batch_size = check_int("batch_size", batch_size)
   num = _num_rows(images)
   if num == 0:
     raise ValueError("images has no examples.")

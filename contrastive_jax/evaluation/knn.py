@@ -31,7 +31,7 @@ from contrastive_jax import similarity
 from contrastive_jax.evaluation.metrics import check_class_range
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
-from contrastive_jax.evaluation.metrics import check_positive_int
+from contrastive_jax._checks import check_int
 
 __all__ = ["knn_class_scores", "knn_classify", "knn_accuracy"]
 
@@ -97,13 +97,13 @@ def _prepare(query, reference, reference_labels, k_max, num_classes,
     k_max += 1  # the query's own row is one of the M candidates
   if num_classes is None:
     num_classes = int(reference_labels.max()) + 1
-  num_classes = check_positive_int("num_classes", num_classes)
+  num_classes = check_int("num_classes", num_classes)
   check_class_range("reference_labels", reference_labels, num_classes)
   if k_max > reference.shape[0]:
     raise ValueError(
         f"k={k_max - exclude_self} exceeds the number of references"
         f" ({reference.shape[0]}{' less the query itself' if exclude_self else ''}).")
-  chunk_size = min(check_positive_int("chunk_size", chunk_size),
+  chunk_size = min(check_int("chunk_size", chunk_size),
                    query.shape[0])
   return query, reference, reference_labels, num_classes, chunk_size
 
@@ -207,7 +207,7 @@ def knn_class_scores(
     Discrimination, CVPR 2018 (Sec. 3.4); solo-learn
     ``WeightedKNNClassifier``.
   """
-  k = check_positive_int("k", k)
+  k = check_int("k", k)
   temperature = _check_temperature(temperature)
   query, reference, reference_labels, num_classes, chunk_size = _prepare(
       query_embeddings, reference_embeddings, reference_labels, k,
@@ -304,7 +304,7 @@ def knn_accuracy(
   """
   if isinstance(ks, (int, np.integer)):
     ks = (ks,)
-  ks = tuple(sorted({check_positive_int("ks entry", k) for k in ks}))
+  ks = tuple(sorted({check_int("ks entry", k) for k in ks}))
   if not ks:
     raise ValueError("ks must name at least one k.")
   temperature = _check_temperature(temperature)

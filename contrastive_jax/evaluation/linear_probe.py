@@ -22,7 +22,7 @@ import optax
 from contrastive_jax.evaluation.metrics import check_class_range
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
-from contrastive_jax.evaluation.metrics import check_positive_int
+from contrastive_jax._checks import check_int
 
 __all__ = ["fit_linear_classifier", "linear_classifier_logits", "linear_probe"]
 
@@ -107,9 +107,9 @@ def fit_linear_classifier(
   """
   x = check_embeddings("train_features", features).astype(np.float32)
   y = check_labels("train_labels", labels, x.shape[0])
-  num_classes = check_positive_int("num_classes", num_classes)
+  num_classes = check_int("num_classes", num_classes)
   check_class_range("train_labels", y, num_classes)
-  steps = check_positive_int("steps", steps)
+  steps = check_int("steps", steps)
   if optimizer not in _OPTIMIZERS:
     raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got"
                      f" {optimizer!r}.")
@@ -118,7 +118,7 @@ def fit_linear_classifier(
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
   if batch_size is not None:
-    batch_size = check_positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size)
     if batch_size >= x.shape[0]:
       batch_size = None
 
@@ -211,7 +211,7 @@ def linear_probe(
     Chen et al., SimCLR, ICML 2020; Kolesnikov, Zhai and Beyer, Revisiting
     Self-Supervised Visual Representation Learning, CVPR 2019.
   """
-  num_classes = check_positive_int("num_classes", num_classes)
+  num_classes = check_int("num_classes", num_classes)
   train_x = check_embeddings("train_features", train_feats)
   train_y = check_labels("train_labels", train_labels, train_x.shape[0])
   eval_x = check_embeddings("eval_features", eval_feats)

@@ -82,14 +82,6 @@ def check_class_range(name: str, labels: np.ndarray, num_classes: int) -> None:
         f" [{labels.min()}, {labels.max()}].")
 
 
-def check_positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{name} must be an int, got {value!r}.")
-  if value < 1:
-    raise ValueError(f"{name} must be >= 1, got {value}.")
-  return int(value)
-
-
 # ----------------------------------------------------------------------------
 # Classification metrics.
 

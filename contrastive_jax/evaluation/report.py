@@ -153,7 +153,8 @@ def _read_config(workdir: str) -> ml_collections.ConfigDict:
 def _load_split(config, split: str):
   try:
     return input_lib.load_eval_split(config, split)
-  except (ValueError, FileNotFoundError, cdata.DatasetUnavailableError) as e:
+  except (ValueError, TypeError, FileNotFoundError,
+          cdata.DatasetUnavailableError) as e:
     _fail(f"Cannot load split {split!r} of dataset {config.dataset!r}: {e}", e)
 
 

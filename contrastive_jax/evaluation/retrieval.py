@@ -43,7 +43,7 @@ from contrastive_jax.evaluation.knn import iter_chunks
 from contrastive_jax.evaluation.knn import prepare_query_reference
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
-from contrastive_jax.evaluation.metrics import check_positive_int
+from contrastive_jax._checks import check_int
 
 __all__ = ["retrieval_metrics", "hash_retrieval_map", "bit_balance"]
 
@@ -150,9 +150,9 @@ def retrieval_metrics(
     Embedding, CVPR 2016 (Recall@K).
   """
   _check_metric(metric)
-  recall_ks = tuple(check_positive_int("recall_ks entry", kk)
+  recall_ks = tuple(check_int("recall_ks entry", kk)
                     for kk in recall_ks)
-  chunk_size = check_positive_int("chunk_size", chunk_size)
+  chunk_size = check_int("chunk_size", chunk_size)
   query = check_embeddings("embeddings", embeddings)
   query_labels = check_labels("labels", labels, query.shape[0], integer=False)
   if (reference_embeddings is None) != (reference_labels is None):
@@ -350,8 +350,8 @@ def hash_retrieval_map(
     codes = codes.reshape(-1).astype(np.int32)
     q_labels, r_labels = codes[:query.shape[0]], codes[query.shape[0]:]
   k = reference.shape[0] if top_k is None else min(
-      check_positive_int("top_k", top_k), reference.shape[0])
-  chunk = min(check_positive_int("chunk_size", chunk_size), query.shape[0])
+      check_int("top_k", top_k), reference.shape[0])
+  chunk = min(check_int("chunk_size", chunk_size), query.shape[0])
   padded = -(-query.shape[0] // chunk) * chunk
   q_labels_p = np.zeros((padded,) + q_labels.shape[1:], q_labels.dtype)
   q_labels_p[:query.shape[0]] = q_labels

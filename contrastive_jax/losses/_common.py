@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax._checks import check_int
 from contrastive_jax import similarity as sim
 
 METRICS = ("euclidean", "squared_euclidean", "cosine")
@@ -46,10 +47,8 @@ def check_scalars(**hyperparameters) -> None:
 
 
 def check_block_size(block_size):
-  if block_size is not None and (not isinstance(block_size, int)
-                                 or block_size <= 0):
-    raise ValueError(f"block_size must be a positive int or None, got"
-                     f" {block_size!r}.")
+  if block_size is not None:
+    check_int("block_size", block_size, 1, hint=" (or None)")
 
 
 def positive(*names):

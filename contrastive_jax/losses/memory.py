@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from contrastive_jax import similarity as sim
+from contrastive_jax._checks import check_int
 from contrastive_jax.losses import _collective
 from contrastive_jax.losses import _common
 
@@ -57,8 +58,8 @@ def create_memory(size: int, dim: int, *, dtype=jnp.float32,
     He et al., Momentum Contrast for Unsupervised Visual Representation
     Learning, CVPR 2020.
   """
-  if size <= 0 or dim <= 0:
-    raise ValueError(f"size and dim must be positive, got {size} and {dim}.")
+  check_int("size", size, 1)
+  check_int("dim", dim, 1)
   labels = jnp.zeros((size,), int if label_dtype is None else label_dtype)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"label_dtype must be an integer dtype, got {labels.dtype}.")

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax._checks import check_int
 from contrastive_jax.models.cnn import torch_uniform_init
 
 Dtype = Any
@@ -57,8 +58,7 @@ class ProjectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        check_int("num_layers", self.num_layers, 1)
         _check_features("ProjectionHead", x)
         x = jnp.asarray(x, self.dtype)
 

@@ -44,6 +44,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from absl import logging
 
+from contrastive_jax._checks import check_int
+
 __all__ = [
     "Checkpointer",
     "IncompatibleCheckpointError",
@@ -168,8 +170,7 @@ class Checkpointer:
     ``config`` only as ``check_workdir_config`` allows, else one whose
     fingerprint is ``fingerprint`` or in ``also_accept``. ``read_only``:
     never write, move or delete (unreadable checkpoints are skipped)."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-      raise ValueError(f"checkpoint.keep must be an int >= 1, got {keep!r}.")
+    keep = check_int("checkpoint.keep", keep, 1)
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._corrupt_dir = os.path.abspath(
         os.path.join(workdir, "checkpoints_corrupt"))

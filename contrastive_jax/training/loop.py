@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from contrastive_jax._checks import check_int
 from contrastive_jax import evaluation
 from contrastive_jax.training import checkpoint as ckpt_lib
 from contrastive_jax.training import distributed
@@ -64,11 +65,6 @@ _MAX_STEPS_AHEAD = 4
 def check_run_config(config) -> None:
   """Refuses run settings that would fail late (after files are written) or
   silently do something else."""
-
-  def check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < minimum):
-      raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
   check_int("batch_size", config.batch_size, 1)
   check_int("num_steps", config.get("num_steps", 0), 0)

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from contrastive_jax._checks import check_int
+
 __all__ = ["check_schedule_config", "is_sam", "is_norm_bias", "make_schedule",
            "make_optimizer",
            "peak_learning_rate"]
@@ -246,8 +248,7 @@ def make_optimizer(opt_config, schedule, *, steps_per_epoch: int = 1
       not math.isfinite(bias_scale) or bias_scale <= 0):
     raise ValueError("optimizer.norm_bias_grad_scale must be a finite number"
                      f" > 0, got {bias_scale!r}.")
-  if int(steps_per_epoch) < 1:
-    raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
+  check_int("steps_per_epoch", steps_per_epoch, 1)
   frozen = _freeze_thresholds(opt_config, int(steps_per_epoch))
   if name == "sgd":
     tx = optax.chain(

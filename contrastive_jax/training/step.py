@@ -46,6 +46,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from contrastive_jax._checks import check_int
 from contrastive_jax import losses
 from contrastive_jax import models
 from contrastive_jax.training import optim
@@ -108,9 +109,7 @@ def lookahead_settings(config) -> tuple[int, float, float]:
   or with ``ema_decay > 0`` too (both keep their weights in ``state.ema``).
   """
   period = config.get("lookahead_period", 0) or 0
-  if isinstance(period, bool) or not isinstance(period, int) or period < 0:
-    raise ValueError(
-        f"lookahead_period must be an integer >= 0, got {period!r}.")
+  period = check_int("lookahead_period", period, 0)
   decay = float(config.get("lookahead_decay", 0.95 ** 5))
   power = float(config.get("lookahead_power", 3.0))
   if period:

@@ -3,7 +3,7 @@
 * :func:`interleaved_min_times` times several functions round-robin and keeps
   the minimum of each, so that ratios between them (ours / matmul) are taken
   under the same machine load (the benchmark machine is shared).
-* :func:`run_worker` runs one configuration in a fresh Python process whose
+* :func:`run_worker` (the child side: :func:`run_as_worker`) runs one configuration in a fresh Python process whose
   address space is capped with ``RLIMIT_AS`` (the child calls
   :func:`limit_memory` first thing) and watched with psutil: it is killed when
   its resident memory passes the cap, when it runs past a timeout, or when it
@@ -112,6 +112,21 @@ def current_rss_mb() -> float:
 
 def emit_result(result: dict) -> None:
   print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_as_worker(argv: list[str] | None,
+                  worker: Callable[[dict], None]) -> bool:
+  """The child side of :func:`run_worker`, for a benchmark's ``main``.
+
+  Runs ``worker(spec)`` and returns True when ``argv`` (default
+  ``sys.argv[1:]``) is what :func:`run_worker` passes, ``--worker JSON``;
+  otherwise returns False and ``main`` parses its own flags.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if len(argv) != 2 or argv[0] != "--worker":
+    return False
+  worker(json.loads(argv[1]))
+  return True
 
 
 def run_worker(module: str, spec: dict, *, mem_gb: float, timeout_s: float,

@@ -37,7 +37,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -429,6 +428,8 @@ def profile(batch: int, args) -> str:
 
 
 def main(argv=None) -> None:
+  if _util.run_as_worker(argv, worker):
+    return
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batches", default="1024,4096,8192")
   parser.add_argument("--dim", type=int, default=128)
@@ -451,11 +452,7 @@ def main(argv=None) -> None:
   parser.add_argument("--max-in-process-batch", type=int, default=16384)
   parser.add_argument("--profile", action="store_true",
                       help="also list the [B,B] buffers of each compiled fn")
-  parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.worker:
-    worker(json.loads(args.worker))
-    return
   args.peers = [p for p in args.peers.split(",") if p]
   batches = [int(b) for b in args.batches.split(",")]
   big = [b for b in batches if b > args.max_in_process_batch]

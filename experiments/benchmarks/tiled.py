@@ -29,7 +29,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -94,6 +93,8 @@ def run(batch: int, block: int | None, args) -> dict:
 
 
 def main(argv=None) -> None:
+  if _util.run_as_worker(argv, worker):
+    return
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--loss", choices=("nt_xent", "sigmoid"),
                       default="nt_xent")
@@ -111,11 +112,7 @@ def main(argv=None) -> None:
   parser.add_argument("--timeout", type=float, default=1800.0)
   parser.add_argument("--idle", type=float, default=60.0,
                       help="kill a child idle this long (hung after OOM)")
-  parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.worker:
-    worker(json.loads(args.worker))
-    return
   batches = [int(b) for b in args.batches.split(",")]
   blocks = [int(b) for b in args.block_sizes.split(",")]
   start = time.time()

@@ -14,7 +14,6 @@ Usage (about 2 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -62,17 +61,15 @@ def worker(spec: dict) -> None:
 
 
 def main(argv=None):
+  if _util.run_as_worker(argv, worker):
+    return
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--widths", default="32,128,128")
   p.add_argument("--steps", type=int, default=4)
   p.add_argument("--mem_gb", type=float, default=16.0)
   p.add_argument("--timeout", type=float, default=600.0)
-  p.add_argument("--worker", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.worker:
-    worker(json.loads(args.worker))
-    return
   widths = [int(w) for w in args.widths.split(",")]
   spec = dict(batch=args.batch, widths=widths, steps=args.steps)
   rows = []
