@@ -3,7 +3,8 @@
 * :func:`interleaved_min_times` times several functions round-robin and keeps
   the minimum of each, so that ratios between them (ours / matmul) are taken
   under the same machine load (the benchmark machine is shared).
-* :func:`run_worker` (the child side: :func:`run_as_worker`) runs one configuration in a fresh Python process whose
+* :func:`run_worker` runs one configuration in a fresh Python process (the
+  child's ``main`` calls :func:`run_as_worker`) whose
   address space is capped with ``RLIMIT_AS`` (the child calls
   :func:`limit_memory` first thing) and watched with psutil: it is killed when
   its resident memory passes the cap, when it runs past a timeout, or when it
