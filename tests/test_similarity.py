@@ -1,6 +1,5 @@
 """contrastive_jax.similarity against float64 NumPy loops."""
 
-
 import jax
 import jax.numpy as jnp
 import jax.test_util as jtu

@@ -190,12 +190,8 @@ def batch_indices(key, step, *, num_examples: int, batch_size: int
   return jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
 
 
-def _check_batch_size(batch_size) -> None:
-  check_int("batch_size", batch_size, 1)
-
-
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  _check_batch_size(batch_size)
+  check_int("batch_size", batch_size, 1)
   spe = num_examples // batch_size
   if spe < 1:
     raise ValueError(
@@ -430,7 +426,7 @@ def device_batches(data: DeviceData, *, key, batch_size: int,
       augment, padding=padding, padding_mode=padding_mode,
       cutout_size=cutout_size, cutout_inside=cutout_inside,
       height=data.images.shape[1], width=data.images.shape[2])
-  _check_batch_size(batch_size)
+  check_int("batch_size", batch_size, 1)
   balanced = classes_per_batch is not None or examples_per_class is not None
   opts = dict(augment=augment, views=views,
               mean=None if mean is None else tuple(mean),
@@ -599,7 +595,7 @@ def device_eval_batches(data: DeviceData, *, batch_size: int,
     ``{"image": float32 [B, H, W, C], "label": int32 [B], "mask": bool [B]}``
     with ``mask`` False on padding.
   """
-  _check_batch_size(batch_size)
+  check_int("batch_size", batch_size, 1)
   n = data.labels.shape[0]
   opts = dict(mean=None if mean is None else tuple(mean),
               std=None if std is None else tuple(std))

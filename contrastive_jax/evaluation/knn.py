@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax import similarity
+from contrastive_jax._checks import check_int
 from contrastive_jax.evaluation.metrics import check_class_range
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
-from contrastive_jax._checks import check_int
 
 __all__ = ["knn_class_scores", "knn_classify", "knn_accuracy"]
 

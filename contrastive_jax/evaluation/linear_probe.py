@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from contrastive_jax._checks import check_int
 from contrastive_jax.evaluation.metrics import check_class_range
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
-from contrastive_jax._checks import check_int
 
 __all__ = ["fit_linear_classifier", "linear_classifier_logits", "linear_probe"]
 

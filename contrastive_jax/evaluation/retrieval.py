@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax import similarity
+from contrastive_jax._checks import check_int
 from contrastive_jax.evaluation.knn import iter_chunks
 from contrastive_jax.evaluation.knn import prepare_query_reference
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
-from contrastive_jax._checks import check_int
 
 __all__ = ["retrieval_metrics", "hash_retrieval_map", "bit_balance"]
 

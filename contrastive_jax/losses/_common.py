@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastive_jax._checks import check_int
 from contrastive_jax import similarity as sim
+from contrastive_jax._checks import check_int
 
 METRICS = ("euclidean", "squared_euclidean", "cosine")
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from contrastive_jax._checks import check_int
 from contrastive_jax import evaluation
+from contrastive_jax._checks import check_int
 from contrastive_jax.training import checkpoint as ckpt_lib
 from contrastive_jax.training import distributed
 from contrastive_jax.training import input as input_lib

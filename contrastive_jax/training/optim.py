@@ -248,8 +248,8 @@ def make_optimizer(opt_config, schedule, *, steps_per_epoch: int = 1
       not math.isfinite(bias_scale) or bias_scale <= 0):
     raise ValueError("optimizer.norm_bias_grad_scale must be a finite number"
                      f" > 0, got {bias_scale!r}.")
-  check_int("steps_per_epoch", steps_per_epoch, 1)
-  frozen = _freeze_thresholds(opt_config, int(steps_per_epoch))
+  steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, 1)
+  frozen = _freeze_thresholds(opt_config, steps_per_epoch)
   if name == "sgd":
     tx = optax.chain(
         optax.add_decayed_weights(wd, mask) if wd else optax.identity(),

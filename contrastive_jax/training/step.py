@@ -46,9 +46,9 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from contrastive_jax._checks import check_int
 from contrastive_jax import losses
 from contrastive_jax import models
+from contrastive_jax._checks import check_int
 from contrastive_jax.training import optim
 from contrastive_jax.training import registry
 from contrastive_jax.training.state import TrainState
