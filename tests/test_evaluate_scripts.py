@@ -191,6 +191,42 @@ def test_visualize_pngs(run, evaluated):
     assert os.path.getsize(path) > 5000, path
 
 
+def test_knn_errors(run, evaluated):
+  """experiments.knn_errors: its error counts are the report's kNN top-1, its
+  wrong indices really are wrong, and leave-one-out excludes each image."""
+  from experiments import knn_errors  # pylint: disable=g-import-not-at-top
+  _, _, prepared = run
+  out = knn_errors.knn_errors(prepared, ks=(1, 10, 20), temperature=0.07)
+  n = prepared.query_labels.shape[0]
+  for k in (10, 20):
+    assert 1 - len(out["wrong"][k]) / n == pytest.approx(
+        evaluated["knn"][f"top1_k{k}"], abs=1e-9)
+  # k = 1 against a NumPy nearest neighbour (cosine) for the listed indices.
+  q = prepared.query["features"] / np.linalg.norm(
+      prepared.query["features"], axis=1, keepdims=True)
+  t = prepared.train["features"] / np.linalg.norm(
+      prepared.train["features"], axis=1, keepdims=True)
+  nearest = prepared.train_labels[np.argmax(q @ t.T, axis=1)]
+  np.testing.assert_array_equal(
+      out["wrong"][1], np.nonzero(nearest != prepared.query_labels)[0])
+  # Leave-one-out with k = 1: each training image's nearest other image.
+  sim = t @ t.T
+  np.fill_diagonal(sim, -np.inf)
+  loo = np.mean(prepared.train_labels[np.argmax(sim, axis=1)]
+                == prepared.train_labels)
+  assert out["loo_train_top1"][1] == pytest.approx(loo, abs=1e-9)
+
+
+def test_knn_errors_cli(run):
+  workdir, _, _ = run
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.knn_errors", f"--workdirs={workdir}",
+       "--ks=1,5"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      check=True).stdout
+  assert f"{workdir}: errors at k = [1, 5, 10]:" in out
+  assert "runs wrong per index at k = 10:" in out
+
+
 def test_history_dedups_resumed_steps(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n'
