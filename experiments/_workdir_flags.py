@@ -15,7 +15,8 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.",
                               required=True)
 SPLIT = flags.DEFINE_string("split", "validation",
-                            "Query split: 'validation' or 'test'.")
+                            "Query split: 'validation', 'test' or 'tune' (the"
+                            " model-selection split; references 'tune_train').")
 DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Where the images are; default: the run's data_dir.")
 

@@ -1,7 +1,7 @@
 r"""Which validation images a run's weighted kNN gets wrong, for several k.
 
-For each workdir: the validation errors and their indices at each k, and the
-leave-one-out top-1 of the training split at each k (each training image
+For each workdir: the validation (or ``--split=tune``) errors and their
+indices at each k, and the leave-one-out top-1 of the training split at each k (each training image
 classified by the others). RESULTS.md's digits error analysis (2026-11-30,
 twentieth session) comes from
 
@@ -27,6 +27,9 @@ _WORKDIRS = flags.DEFINE_list("workdirs", None, "Training workdirs.",
 _KS = flags.DEFINE_list("ks", ["1", "5", "10", "20"], "Neighbour counts.")
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.07, "Vote temperature (the configs' eval.knn_temperature).")
+_SPLIT = flags.DEFINE_string(
+    "split", "validation", "Query split: 'validation', or 'tune' (the"
+    " model-selection split of runs trained with --config.data.tune).")
 _K_WRONG = flags.DEFINE_integer(
     "k_wrong", 10, "The k whose wrong indices are listed and counted.")
 
@@ -35,7 +38,8 @@ def knn_errors(prepared, *, ks: Sequence[int], temperature: float) -> dict:
   """``{"wrong": {k: [indices]}, "loo_train_top1": {k: float}}`` of a run.
 
   ``prepared``: :func:`contrastive_jax.evaluation.report.prepare`'s result;
-  kNN on its ``features``, the training split as references.
+  kNN on its ``features``, its reference split (the run's training split)
+  as references.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from contrastive_jax import evaluation  # pylint: disable=g-import-not-at-top
@@ -64,7 +68,7 @@ def main(argv):
   counts = collections.Counter()
   for workdir in _WORKDIRS.value:
     try:
-      out = knn_errors(report.prepare(workdir, "validation"), ks=ks,
+      out = knn_errors(report.prepare(workdir, _SPLIT.value), ks=ks,
                        temperature=_TEMPERATURE.value)
     except report.EvaluationError as e:
       print(f"error: {e}", file=sys.stderr)

@@ -118,6 +118,49 @@ def test_validation_indices_edge_cases():
   np.testing.assert_array_equal(idx, [4, 5, 6, 12, 13, 19, 20])
 
 
+def test_tune_pair_is_carved_from_train_only(folder, tmp_path):
+  root, pixels = folder
+  load = lambda split, **kw: data.load_split_arrays(
+      "tiny", split, data_dir=root, validation_fraction=0.3, **kw)
+  key = lambda a: {x.tobytes() for x in a.images}
+  tr, va, tu, tt = (load(s) for s in ("train", "validation", "tune",
+                                      "tune_train"))
+  # train's 7 per class split again at 0.3 (6.3 of 21, so 7): the last 3 or
+  # 2 of each class are "tune".
+  np.testing.assert_array_equal(np.bincount(tu.labels), [3, 2, 2])
+  np.testing.assert_array_equal(np.bincount(tt.labels), [4, 5, 5])
+  assert not key(tu) & key(tt) and not (key(tu) | key(tt)) & key(va)
+  assert key(tu) | key(tt) == key(tr)
+  paths, _ = data.image_folder_files("tiny", "tune", data_dir=root,
+                                     validation_fraction=0.3)
+  assert [pathlib.Path(p).name for p in paths[:3]] == [
+      "0004.png", "0005.png", "0006.png"]
+  # The .npy cache path carves the same images.
+  cached = load("tune", cache_dir=tmp_path / "cache")
+  np.testing.assert_array_equal(cached.images, tu.images)
+  # A folder with its own validation split: "train" is all of train/, and
+  # the tune pair is carved from it.
+  (root / "tiny" / "test").rename(root / "tiny" / "validation")
+  tr = load("train")
+  assert len(tr.labels) == 30
+  tu, tt = load("tune"), load("tune_train")
+  np.testing.assert_array_equal(np.bincount(tu.labels), [3, 3, 3])
+  assert not key(tu) & key(tt) and key(tu) | key(tt) == key(tr)
+  assert data.REFERENCE_SPLIT == {"validation": "train", "test": "train",
+                                  "tune": "tune_train"}
+
+
+def test_digits_tune_pair():
+  idx = {s: sources.carve_split(sources._digits().labels, s,
+                                validation_fraction=0.3)
+         for s in ("train", "validation", "tune", "tune_train")}
+  assert [len(idx[s]) for s in idx] == [1257, 540, 378, 879]
+  assert set(idx["tune"]) | set(idx["tune_train"]) == set(idx["train"])
+  assert not set(idx["tune"]) & set(idx["tune_train"])
+  with pytest.raises(ValueError, match="cannot carve split 'test'"):
+    sources.carve_split(np.zeros(4), "test", validation_fraction=0.3)
+
+
 def test_test_split_takes_the_train_splits_labels(tmp_path):
   make_image_folder(tmp_path, classes=("bird", "cat", "dog"), per_class=2)
   make_image_folder(tmp_path / "t", classes=("cat", "dog"), per_class=2)

@@ -23,7 +23,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from contrastive_jax import data as cdata
 from contrastive_jax import training
+from contrastive_jax.training import input as input_lib
 from contrastive_jax.training import state as state_lib
 from contrastive_jax.training import step as step_lib
 from experiments.configs import autoencoder_cifar10
@@ -258,6 +260,27 @@ def test_bad_run_settings_are_refused_before_anything_is_written(
   with pytest.raises(ValueError, match=match):
     training.train_and_evaluate(_small_digits(**overrides), str(tmp_path / "wd"))
   assert not [f for f in (tmp_path / "wd").rglob("*") if f.is_file()]
+
+
+def test_tune_run_never_loads_the_validation_split(tmp_path, monkeypatch):
+  """``data.tune``: train on "tune_train", evaluate on "tune" against it."""
+  loaded = []
+  real = cdata.load_split_arrays
+
+  def spy(name, split, **kw):
+    loaded.append(split)
+    return real(name, split, **kw)
+
+  monkeypatch.setattr(cdata, "load_split_arrays", spy)
+  c = _small_digits(num_steps=2, **{"data.tune": True, "eval.final": True,
+                                    "eval.probe_steps": 2})
+  res = training.train_and_evaluate(c, str(tmp_path))
+  assert res["eval_split"] == "tune" and 0 <= res["knn_top1"] <= 1
+  assert set(loaded) == {"tune_train", "tune"}, loaded
+  assert input_lib.run_splits(_small_digits()) == ("train", "validation")
+  # ConfigDict keeps the type of a default; a config built by hand may not.
+  with pytest.raises(TypeError, match="data.tune must be a bool, got 1"):
+    input_lib.run_splits(ml_collections.ConfigDict({"data": {"tune": 1}}))
 
 
 def test_default_digits_config_is_a_short_cpu_run():

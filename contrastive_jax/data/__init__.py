@@ -43,6 +43,7 @@ from contrastive_jax.data.pipeline import steps_per_epoch
 from contrastive_jax.data.pipeline import tf_batches
 from contrastive_jax.data.sources import DATASET_STATS
 from contrastive_jax.data.sources import DatasetUnavailableError
+from contrastive_jax.data.sources import REFERENCE_SPLIT
 from contrastive_jax.data.sources import SPLITS
 from contrastive_jax.data.sources import Source
 from contrastive_jax.data.sources import SplitArrays
@@ -56,6 +57,7 @@ __all__ = [
     "DATASET_STATS",
     "DatasetUnavailableError",
     "DeviceData",
+    "REFERENCE_SPLIT",
     "SPLITS",
     "Source",
     "SplitArrays",

@@ -158,7 +158,8 @@ def build_tf_dataset(
     global_batch_size: examples per step over all processes; must divide by
       the number of devices and processes.
     train: infinite shuffled stream (True) or one ordered, padded pass with a
-      "mask" (False). Default: True for "train" and "train_full".
+      "mask" (False). Default: True for the training splits ("train",
+      "train_full", "tune_train").
     augment: one of ``augment_jax.AUGMENTATIONS``.
     views: None for ``image [B, H, W, C]``; an int V for ``[B, V, H, W, C]``,
       V independently augmented views of each image (2 for SimCLR/SupCon).
@@ -188,7 +189,8 @@ def build_tf_dataset(
   aug_opts = dict(padding=padding, padding_mode=padding_mode,
                   cutout_size=cutout_size, cutout_inside=cutout_inside)
   augment_jax.check_options(augment, **aug_opts)  # the values, before reading
-  train = split in ("train", "train_full") if train is None else bool(train)
+  train = (split in ("train", "train_full", "tune_train") if train is None
+           else bool(train))
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   num_devices = jax.device_count() if num_devices is None else num_devices

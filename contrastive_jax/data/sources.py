@@ -30,6 +30,12 @@ final run after model selection) and ``"test"`` the official test split where
 one exists. If the source has its own ``validation`` split it is used instead
 of carving one.
 
+``"tune"`` and ``"tune_train"`` split ``"train"`` once more by the same rule
+(digits: 378 and 879 of its 1,257): a model-selection pair that never touches
+``"validation"``, for choosing recipes and evaluation settings (kNN k) before
+a figure is reported on validation (``REFERENCE_SPLIT`` pairs each query
+split with the split its model trains on).
+
 This module imports neither TensorFlow nor TFDS unless the TFDS source or the
 TF decoder is used.
 """
@@ -47,7 +53,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-SPLITS = ("train", "validation", "test", "train_full")
+SPLITS = ("train", "validation", "test", "train_full", "tune", "tune_train")
+# The split a model evaluated on each query split trains on (and kNN searches).
+REFERENCE_SPLIT = {"validation": "train", "test": "train", "tune": "tune_train"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
@@ -193,15 +201,28 @@ def validation_indices(labels: np.ndarray, *,
 
 
 def carve_split(labels: np.ndarray, split: str, *,
-                validation_fraction: float) -> np.ndarray:
-  """Indices of ``split`` ("train", "validation" or "train_full") in train."""
-  if split == "train_full":
-    return np.arange(len(labels))
-  val = validation_indices(labels, validation_fraction=validation_fraction)
-  if split == "validation":
-    return val
-  if split == "train":
-    keep = np.ones(len(labels), bool)
+                validation_fraction: float,
+                own_validation: bool = False) -> np.ndarray:
+  """Sorted indices of ``split`` in the official train split.
+
+  ``split`` is "train", "validation", "train_full", "tune" or "tune_train";
+  ``own_validation``: the source has its own validation split, so "train" is
+  the whole of ``labels`` and "validation" is not carved.
+  """
+  n = len(labels)
+  if split == "train_full" or (split == "train" and own_validation):
+    return np.arange(n)
+  if split in ("tune", "tune_train"):
+    train = carve_split(labels, "train", validation_fraction=validation_fraction,
+                        own_validation=own_validation)
+    tune = train[validation_indices(labels[train],
+                                    validation_fraction=validation_fraction)]
+    return tune if split == "tune" else np.setdiff1d(train, tune)
+  if split in ("validation", "train") and not own_validation:
+    val = validation_indices(labels, validation_fraction=validation_fraction)
+    if split == "validation":
+      return val
+    keep = np.ones(n, bool)
     keep[val] = False
     return np.flatnonzero(keep)
   raise ValueError(f"cannot carve split {split!r} out of train.")
@@ -282,8 +303,9 @@ def _folder_split_dir(source: Source, split: str) -> tuple[pathlib.Path, bool]:
     raise ValueError(
         f"Dataset {source.name!r} at {root} has no 'train' split (found"
         f" {_present_dirs(root)}).")
-  has_own_validation = (root / "validation").is_dir()
-  return root / "train", not has_own_validation and split != "train_full"
+  whole = split == "train_full" or (
+      split == "train" and (root / "validation").is_dir())
+  return root / "train", not whole
 
 
 def _train_classes(source: Source) -> tuple[str, ...] | None:
@@ -318,7 +340,8 @@ def image_folder_files(name: str, split: str, *,
   if carve:
     frac = (default_validation_fraction(name) if validation_fraction is None
             else validation_fraction)
-    idx = carve_split(labels, split, validation_fraction=frac)
+    idx = carve_split(labels, split, validation_fraction=frac,
+                      own_validation=(source.root / "validation").is_dir())
     paths = [paths[i] for i in idx]
     labels = labels[idx]
   return paths, labels
@@ -601,7 +624,8 @@ def load_split_arrays(name: str, split: str, *,
                                decoder=decoder)
     if not carve:
       return full
-    idx = carve_split(full.labels, split, validation_fraction=frac)
+    idx = carve_split(full.labels, split, validation_fraction=frac,
+                      own_validation=(source.root / "validation").is_dir())
     return SplitArrays(full.images[idx], full.labels[idx])
 
   builder = tfds_builder(name, data_dir=data_dir, download=download)
@@ -618,5 +642,6 @@ def load_split_arrays(name: str, split: str, *,
   full = _tfds_arrays(builder, "train")
   if split == "train_full" or (split == "train" and "validation" in available):
     return full
-  idx = carve_split(full.labels, split, validation_fraction=frac)
+  idx = carve_split(full.labels, split, validation_fraction=frac,
+                    own_validation="validation" in available)
   return SplitArrays(full.images[idx], full.labels[idx])

@@ -59,7 +59,7 @@ __all__ = [
     "probe_classification",
 ]
 
-EVAL_SPLITS = ("validation", "test")
+EVAL_SPLITS = ("validation", "test", "tune")
 KNN_KS = (20, 200)
 # Outputs of ``ContrastiveModel`` that are evaluated (all but reconstruction).
 _OUTPUT_KEYS = ("features", "embedding", "codes", "logits", "probe_logits")
@@ -160,8 +160,8 @@ def _load_split(config, split: str):
 
 def _check_split(split: str) -> None:
   if split not in EVAL_SPLITS:
-    _fail(f"split must be one of {EVAL_SPLITS} (queries; the training split"
-          f" is the reference set), got {split!r}.")
+    _fail(f"split must be one of {EVAL_SPLITS} (queries, searched against"
+          f" 'train', or 'tune_train' for 'tune'), got {split!r}.")
 
 
 def _check_checkpoints(workdir: str, config) -> str:
@@ -280,7 +280,8 @@ def class_names_for(config, num_classes: int) -> list[str]:
 def prepare(workdir: str, split: str = "validation", *,
             data_dir: str | None = None, tta_flip: bool = False,
             tta_translate: bool = False, online: bool = False) -> Prepared:
-  """Restores ``workdir``'s run and embeds its training split and ``split``.
+  """Restores ``workdir``'s run and embeds ``split`` and its reference split
+  (``cdata.REFERENCE_SPLIT``: "train", or "tune_train" for "tune").
 
   ``tta_flip`` / ``tta_translate``: both splits are embedded with flip /
   translation test-time augmentation (see ``embed_outputs``). ``online``:
@@ -298,7 +299,7 @@ def prepare(workdir: str, split: str = "validation", *,
   _check_checkpoints(workdir, config)
   # The query split first: a missing split fails before anything is built.
   query_images, query_labels = _load_split(config, split)
-  train_images, train_labels = _load_split(config, "train")
+  train_images, train_labels = _load_split(config, cdata.REFERENCE_SPLIT[split])
   run = load_run(workdir, data_dir=data_dir,
                  num_classes=int(train_labels.max()) + 1,
                  image_shape=train_images.shape[1:], online=online)

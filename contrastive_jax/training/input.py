@@ -27,8 +27,7 @@ from jax.sharding import PartitionSpec as P
 from contrastive_jax import data as cdata
 
 __all__ = ["TrainInput", "make_train_input", "load_eval_split",
-           "normalization", "replicate"]
-
+           "normalization", "replicate", "run_splits"]
 
 
 def normalization(config, channels: int):
@@ -52,6 +51,16 @@ def _pk(config):
   return (p, k) if p and k else (None, None)
 
 
+def run_splits(config) -> tuple[str, str]:
+  """``(train split, evaluation split)``: ``("train", "validation")``, or
+  with ``data.tune`` the model-selection pair ``("tune_train", "tune")``."""
+  tune = config.data.get("tune", False)
+  if not isinstance(tune, (bool, np.bool_)):
+    raise TypeError(f"data.tune must be a bool, got {tune!r}.")
+  query = "tune" if tune else "validation"
+  return cdata.REFERENCE_SPLIT[query], query
+
+
 def _data_dir(config):
   return config.get("data_dir", "") or None
 
@@ -60,6 +69,7 @@ class TrainInput:
   """An iterator of global batches sharded over ``mesh``'s ``"data"`` axis.
 
   Attributes:
+    split: the training split (``run_splits``).
     image_shape: ``(H, W, C)``.
     num_classes: classes in the training split.
     num_train: examples in the training split.
@@ -73,7 +83,8 @@ class TrainInput:
     if config.input not in ("device", "tf"):
       raise ValueError(f"config.input must be 'device' or 'tf', got"
                        f" {config.input!r}.")
-    self._arrays = cdata.load_split_arrays(config.dataset, "train",
+    self.split = run_splits(config)[0]
+    self._arrays = cdata.load_split_arrays(config.dataset, self.split,
                                            data_dir=_data_dir(config))
     self.image_shape = tuple(self._arrays.images.shape[1:])
     self.num_classes = int(self._arrays.labels.max()) + 1
@@ -129,7 +140,7 @@ class TrainInput:
     else:
       seed = int(jax.random.randint(self._key, (), 0, 2**31 - 1))
       self._it = cdata.tf_batches(
-          config.dataset, "train", global_batch_size=int(config.batch_size),
+          config.dataset, self.split, global_batch_size=int(config.batch_size),
           data_dir=_data_dir(config), augment=dc.augment, views=views,
           seed=seed, classes_per_batch=p, examples_per_class=k,
           start_step=int(start_step), normalize=mean is not None, **aug)

@@ -3,7 +3,8 @@
 mesh -> data -> model/optimizer/state -> resume from the latest readable
 checkpoint -> jitted data-parallel steps (progress bar, TensorBoard scalars,
 NaN guard, periodic and SIGTERM checkpoints) -> final evaluation (kNN and
-linear probe on the validation split) -> ``workdir/results.json``.
+linear probe on the validation split, or "tune" with ``data.tune``) ->
+``workdir/results.json``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def check_run_config(config) -> None:
   if not config.get("num_steps", 0) and not config.get("num_epochs", 0):
     raise ValueError("Set num_steps or num_epochs: both are 0.")
   check_int("eval_every", config.get("eval_every", 0), 0)
+  input_lib.run_splits(config)
   step_lib.check_loss_config(config.loss)
   optim.check_schedule_config(config.optimizer)
   cc = config.checkpoint
@@ -164,13 +166,15 @@ def eval_variables(state, *, online: bool = False) -> dict[str, Any]:
   return variables
 
 
-def load_eval_data(config, splits=("train", "validation")):
-  """``(train_x, train_y, val_x, val_y)`` of ``splits``, for ``evaluate``."""
+def load_eval_data(config, splits=None):
+  """``(train_x, train_y, val_x, val_y)`` of ``splits`` (default: the run's
+  ``input_lib.run_splits``), for ``evaluate``."""
+  splits = splits or input_lib.run_splits(config)
   return (*input_lib.load_eval_split(config, splits[0]),
           *input_lib.load_eval_split(config, splits[1]))
 
 
-def evaluate(config, model, state, mesh, *, splits=("train", "validation"),
+def evaluate(config, model, state, mesh, *, splits=None,
              knn_only: bool = False, online: bool = False, data=None
              ) -> dict[str, float]:
   """kNN and linear-probe top-1 of the backbone features on the eval split.
@@ -515,6 +519,7 @@ def train_and_evaluate(config, workdir: str, *,
       "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
       "global_batch_size": batch, "dataset": config.dataset,
+      "eval_split": input_lib.run_splits(config)[1],
   }
   # A run stopped by its time budget is evaluated as it stands (a preempted
   # one is not: it resumes to finish).

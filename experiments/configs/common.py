@@ -28,7 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
       # square ("crop_flip_cutout"): side cutout_size (0: min(H, W) // 2),
       # centred anywhere and clipped (False) or wholly inside (True,
       # airbench). See contrastive_jax.data.augment_jax.
-      padding_mode="zero", cutout_size=0, cutout_inside=False))
+      padding_mode="zero", cutout_size=0, cutout_inside=False,
+      # True: train on "tune_train" and evaluate on "tune", a model-selection
+      # pair carved from "train" that never touches "validation"
+      # (contrastive_jax.data.sources); for choosing a recipe or kNN k.
+      tune=False))
   c.batch_size = 256
   c.num_steps = 0          # > 0 overrides num_epochs
   c.num_epochs = 10
