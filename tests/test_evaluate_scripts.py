@@ -64,13 +64,15 @@ def test_evaluate_json(run, evaluated):
   assert res["num_classes"] == 10 and res["num_train"] == 1257
   n = res["num_queries"]
   assert n == 540
-  # k = 20 and 200 always, and the config's own k (10 for digits).
-  assert set(res["knn"]) == {"top1_k10", "top5_k10", "top1_k20", "top5_k20",
+  # k = 20 and 200 always, and the config's own k (1 for digits SupCon).
+  k = digits.get_config().eval.knn_k
+  assert k == 1
+  assert set(res["knn"]) == {"top1_k1", "top5_k1", "top1_k20", "top5_k20",
                              "top1_k200", "top5_k200"}
   assert all(_in_unit(v) for v in res["knn"].values())
   assert res["knn"]["top1_k20"] <= res["knn"]["top5_k20"]
   # The restored checkpoint gives the numbers the training run reported.
-  assert res["knn"]["top1_k10"] == pytest.approx(results["knn_top1"],
+  assert res["knn"]["top1_k1"] == pytest.approx(results["knn_top1"],
                                                  abs=1.5 / n)
   lp = res["linear_probe"]
   assert lp["top1"] == pytest.approx(results["linear_probe_top1"],
@@ -198,7 +200,7 @@ def test_knn_errors(run, evaluated):
   _, _, prepared = run
   out = knn_errors.knn_errors(prepared, ks=(1, 10, 20), temperature=0.07)
   n = prepared.query_labels.shape[0]
-  for k in (10, 20):
+  for k in (1, 20):
     assert 1 - len(out["wrong"][k]) / n == pytest.approx(
         evaluated["knn"][f"top1_k{k}"], abs=1e-9)
   # k = 1 against a NumPy nearest neighbour (cosine) for the listed indices.
