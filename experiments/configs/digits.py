@@ -8,14 +8,18 @@
 1,257 training / 540 held-out validation images (30%, stratified). Every
 family uses ``SmallCNN(features=(32, 64), embedding_dim=128)`` (8x8x1 ->
 2x2x64 -> 128 features), SupCon the wider ``features=(128, 256)``, and is
-evaluated by weighted kNN and a linear probe on those features. Results: ``experiments/RESULTS.md`` (commands and
-figures per family). kNN uses k = 10: with ~125 references per class, k = 20
-(solo-learn's CIFAR value, 5,000 per class) averages over too wide a
-neighbourhood (2026-11-29's SimCLR run: 95.7% at k = 20, 97.0% at k = 10).
+evaluated by weighted kNN and a linear probe on those features. Results:
+``experiments/RESULTS.md`` (commands and figures per family). kNN uses
+k = 10, except where a k was chosen on the "tune" split
+(``--config.data.tune=True``, which never loads validation): 1 for supcon,
+5 for simclr. With ~125 references per class, CIFAR's k = 20 (5,000 per
+class) averages over too wide a neighbourhood.
 
 * ``supcon``: supervised contrastive loss (T=0.1) on a 2-layer BN projection
-  to 64-d, one view with a 1-pixel crop and +-10 degree rotation (no flips:
-  a mirrored 2 reads as a 5).
+  to 64-d, plus the cross-entropy of a linear classifier head on the
+  features (weight 1, as the CIFAR-10 SupCon configs); one view with a
+  1-pixel crop and +-10 degree rotation (no flips: a mirrored 2 reads as a
+  5).
 * ``simclr``: no labels: NT-Xent (T=0.2, batch 512, 2,000 steps) between
   two views of each image (3-pixel crop, +-15 degrees).
 * ``triplet_ce``: batch-hard triplet loss (cosine, margin 0.2) on the
