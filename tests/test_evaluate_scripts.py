@@ -221,21 +221,17 @@ def test_knn_errors(run, evaluated):
 
 def test_knn_errors_cli(run):
   workdir, _, _ = run
-  out = subprocess.run(
-      [sys.executable, "-m", "experiments.knn_errors", f"--workdirs={workdir}",
-       "--ks=1,5", "--split=tune"], cwd=REPO, capture_output=True, text=True,
-      timeout=300, check=True).stdout
+  cmd = [sys.executable, "-m", "experiments.knn_errors",
+         f"--workdirs={workdir}", "--ks=1,5"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=True).stdout
   assert f"{workdir}: errors at k = [1, 5, 10]:" in out
   assert "runs wrong per index at k = 10:" in out
-
-
-def test_tune_queries_search_tune_train(run):
-  workdir, _, _ = run
-  prepared = report.prepare(workdir, "tune")
-  assert prepared.split == "tune"
-  assert prepared.query_labels.shape == (378,)
-  assert prepared.train_labels.shape == (879,)
-  assert prepared.train["features"].shape[0] == 879
+  # This run trained on "train", which holds the "tune" images.
+  res = subprocess.run(cmd + ["--split=tune"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 1
+  assert "split='tune' needs a run trained with data.tune=True" in res.stderr
 
 
 def test_history_dedups_resumed_steps(tmp_path):

@@ -25,6 +25,7 @@ from PIL import Image
 
 from contrastive_jax import data as cdata
 from contrastive_jax import training
+from contrastive_jax.evaluation import report
 from contrastive_jax.training import input as input_lib
 from contrastive_jax.training import state as state_lib
 from contrastive_jax.training import step as step_lib
@@ -277,6 +278,12 @@ def test_tune_run_never_loads_the_validation_split(tmp_path, monkeypatch):
   res = training.train_and_evaluate(c, str(tmp_path))
   assert res["eval_split"] == "tune" and 0 <= res["knn_top1"] <= 1
   assert set(loaded) == {"tune_train", "tune"}, loaded
+  # The report of the workdir queries "tune" against "tune_train" too.
+  prepared = report.prepare(str(tmp_path), "tune")
+  assert set(loaded) == {"tune_train", "tune"}, loaded
+  assert prepared.query_labels.shape == (378,)
+  assert prepared.train_labels.shape == (879,)
+  assert prepared.train["features"].shape[0] == 879
   assert input_lib.run_splits(_small_digits()) == ("train", "validation")
   # ConfigDict keeps the type of a default; a config built by hand may not.
   with pytest.raises(TypeError, match="data.tune must be a bool, got 1"):

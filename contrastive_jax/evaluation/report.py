@@ -289,7 +289,8 @@ def prepare(workdir: str, split: str = "validation", *,
 
   Raises:
     EvaluationError: see ``load_run``; ``split`` not in ``EVAL_SPLITS`` or
-      missing from the dataset; non-finite model outputs.
+      missing from the dataset; "tune" for a run not trained on
+      "tune_train"; non-finite model outputs.
   """
   _check_split(split)
   workdir = os.path.abspath(workdir)
@@ -297,6 +298,10 @@ def prepare(workdir: str, split: str = "validation", *,
   if data_dir:
     config.data_dir = data_dir
   _check_checkpoints(workdir, config)
+  if split == "tune" and input_lib.run_splits(config)[0] != "tune_train":
+    # "tune" is carved from "train": such a run has trained on its queries.
+    _fail(f"split='tune' needs a run trained with data.tune=True; {workdir}"
+          " trained on 'train', which contains the 'tune' images.")
   # The query split first: a missing split fails before anything is built.
   query_images, query_labels = _load_split(config, split)
   train_images, train_labels = _load_split(config, cdata.REFERENCE_SPLIT[split])
