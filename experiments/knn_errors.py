@@ -1,15 +1,17 @@
 r"""Which validation images a run's weighted kNN gets wrong, for several k.
 
 For each workdir: the validation (or ``--split=tune``) errors and their
-indices at each k, and the leave-one-out top-1 of the training split at each k (each training image
-classified by the others). RESULTS.md's digits error analysis (2026-11-30,
-twentieth session) comes from
+indices at each k, and the leave-one-out top-1 of the training split at
+each k (each training image classified by the others). RESULTS.md's digits
+error analysis (2026-11-30, twentieth session) comes from
 
     python -m experiments.knn_errors --workdirs=/tmp/seeds/supcon_s5,/tmp/seeds/supcon_s9
 
 with the workdirs of ``python -m experiments.train --config.seed=S
---workdir=DIR``. The last line counts how many runs got each index wrong at
-``--k_wrong``.
+--workdir=DIR``, and the tune-split choice of k (twenty-first session) from
+``--split=tune`` on runs trained with ``--config.data.tune=True``. The last
+two lines sum the errors over the runs at each k, and count how many runs
+got each index wrong at ``--k_wrong``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ _K_WRONG = flags.DEFINE_integer(
 
 
 def knn_errors(prepared, *, ks: Sequence[int], temperature: float) -> dict:
-  """``{"wrong": {k: [indices]}, "loo_train_top1": {k: float}}`` of a run.
+  """``{"wrong": {k: [indices]}, "num_queries": int, "loo_train_top1": {k:
+  float}}`` of a run.
 
   ``prepared``: :func:`contrastive_jax.evaluation.report.prepare`'s result;
   kNN on its ``features``, its reference split (the run's training split)
@@ -52,7 +55,7 @@ def knn_errors(prepared, *, ks: Sequence[int], temperature: float) -> dict:
     wrong[k] = np.nonzero(pred != prepared.query_labels)[0].tolist()
   loo = evaluation.knn_accuracy(train, labels, train, labels, ks=ks,
                                 exclude_self=True, **kw)
-  return {"wrong": wrong,
+  return {"wrong": wrong, "num_queries": int(prepared.query_labels.shape[0]),
           "loo_train_top1": {k: loo[f"top1_k{k}"] for k in ks}}
 
 
@@ -66,6 +69,8 @@ def main(argv):
   if k_wrong not in ks:
     ks.append(k_wrong)
   counts = collections.Counter()
+  totals = collections.Counter()
+  queries = 0
   for workdir in _WORKDIRS.value:
     try:
       out = knn_errors(report.prepare(workdir, _SPLIT.value), ks=ks,
@@ -74,10 +79,15 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       return 1
     counts.update(out["wrong"][k_wrong])
+    totals.update({k: len(out["wrong"][k]) for k in ks})
+    queries += out["num_queries"]
     print(f"{workdir}: errors at k = {ks}:"
           f" {[len(out['wrong'][k]) for k in ks]}; wrong at k = {k_wrong}:"
           f" {out['wrong'][k_wrong]}; leave-one-out training top-1:"
           f" {[round(100 * out['loo_train_top1'][k], 2) for k in ks]}")
+  print(f"errors summed over the runs at k = {ks}: {[totals[k] for k in ks]}"
+        f" of {queries} queries, i.e. top-1"
+        f" {[round(100 * (1 - totals[k] / queries), 2) for k in ks]}")
   print(f"runs wrong per index at k = {k_wrong}:", counts.most_common())
   return 0
 

@@ -200,6 +200,7 @@ def test_knn_errors(run, evaluated):
   _, _, prepared = run
   out = knn_errors.knn_errors(prepared, ks=(1, 10, 20), temperature=0.07)
   n = prepared.query_labels.shape[0]
+  assert out["num_queries"] == n == 540
   for k in (1, 20):
     assert 1 - len(out["wrong"][k]) / n == pytest.approx(
         evaluated["knn"][f"top1_k{k}"], abs=1e-9)
@@ -226,6 +227,8 @@ def test_knn_errors_cli(run):
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                        timeout=300, check=True).stdout
   assert f"{workdir}: errors at k = [1, 5, 10]:" in out
+  assert "errors summed over the runs at k = [1, 5, 10]:" in out
+  assert "of 540 queries, i.e. top-1 [" in out
   assert "runs wrong per index at k = 10:" in out
   # This run trained on "train", which holds the "tune" images.
   res = subprocess.run(cmd + ["--split=tune"], cwd=REPO, capture_output=True,
