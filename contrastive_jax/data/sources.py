@@ -287,6 +287,11 @@ def list_image_folder(split_dir: str | os.PathLike, *,
   return paths, np.asarray(labels, np.int32), classes
 
 
+def _has_own_validation(root: pathlib.Path) -> bool:
+  """Whether an image folder ships a ``validation`` split (else it is carved)."""
+  return (root / "validation").is_dir()
+
+
 def _folder_split_dir(source: Source, split: str) -> tuple[pathlib.Path, bool]:
   """``(folder, carve)``: the folder to read and whether to carve it."""
   root = source.root
@@ -297,14 +302,14 @@ def _folder_split_dir(source: Source, split: str) -> tuple[pathlib.Path, bool]:
           f" {_present_dirs(root)}). Use split='validation' (carved from"
           " train) for model selection.")
     return root / "test", False
-  if split == "validation" and (root / "validation").is_dir():
+  if split == "validation" and _has_own_validation(root):
     return root / "validation", False
   if not (root / "train").is_dir():
     raise ValueError(
         f"Dataset {source.name!r} at {root} has no 'train' split (found"
         f" {_present_dirs(root)}).")
   whole = split == "train_full" or (
-      split == "train" and (root / "validation").is_dir())
+      split == "train" and _has_own_validation(root))
   return root / "train", not whole
 
 
@@ -341,7 +346,7 @@ def image_folder_files(name: str, split: str, *,
     frac = (default_validation_fraction(name) if validation_fraction is None
             else validation_fraction)
     idx = carve_split(labels, split, validation_fraction=frac,
-                      own_validation=(source.root / "validation").is_dir())
+                      own_validation=_has_own_validation(source.root))
     paths = [paths[i] for i in idx]
     labels = labels[idx]
   return paths, labels
@@ -625,7 +630,7 @@ def load_split_arrays(name: str, split: str, *,
     if not carve:
       return full
     idx = carve_split(full.labels, split, validation_fraction=frac,
-                      own_validation=(source.root / "validation").is_dir())
+                      own_validation=_has_own_validation(source.root))
     return SplitArrays(full.images[idx], full.labels[idx])
 
   builder = tfds_builder(name, data_dir=data_dir, download=download)
