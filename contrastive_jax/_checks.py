@@ -6,7 +6,8 @@ values with the same words: ``bool`` is refused although it subclasses
 accepted (they come out of configs and ``np.arange``), floats are refused
 even when integral (``2.0`` steps usually means a division went wrong
 upstream). A wrong type is a ``TypeError``, a value below the minimum a
-``ValueError``; both messages read the same.
+``ValueError``; both messages read the same. Likewise one "a bool" rule
+(``check_bool``) for on/off options, a ``TypeError`` for anything else.
 """
 
 from __future__ import annotations
@@ -38,3 +39,15 @@ def check_int(name: str, value: Any, minimum: int = 1, *,
   if value < minimum:
     raise ValueError(message)
   return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """Returns ``bool(value)`` for a ``bool``/NumPy bool, else a ``TypeError``.
+
+  Truthiness is not enough: ``"False"`` and ``"no"`` are true, and ``0``/``1``
+  usually mean a config key was spelt as a number by hand, so both are refused
+  rather than guessed at.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {value!r}.")
+  return bool(value)

@@ -1,4 +1,5 @@
-"""The shared "an int >= n" rule, and that every subpackage applies it alike."""
+"""The shared "an int >= n" and "a bool" rules, and that every subpackage
+applies them alike."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from contrastive_jax import data
 from contrastive_jax import evaluation
 from contrastive_jax import losses
 from contrastive_jax import models
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 
 
@@ -33,6 +35,19 @@ def test_refuses_below_minimum_with_value_error_naming_value_and_hint():
     check_int("size", -3, 1, hint=" (or None)")
   with pytest.raises(ValueError, match=r"padding must be an int >= 0, got np.int64\(-1\)"):
     check_int("padding", np.int64(-1), 0)
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), np.bool_(False)])
+def test_check_bool_accepts_bools(value):
+  out = check_bool("flag", value)
+  assert out == value and type(out) is bool
+
+
+@pytest.mark.parametrize("value", [
+    0, 1, "False", "yes", None, 1.0, np.array(True), jnp.bool_(True), [True]])
+def test_check_bool_refuses_everything_else_with_type_error(value):
+  with pytest.raises(TypeError, match=r"^data.tune must be a bool, got "):
+    check_bool("data.tune", value)
 
 
 _X = np.random.RandomState(0).randn(6, 4).astype(np.float32)

@@ -277,7 +277,7 @@ def test_augment_option_errors():
       (dict(cutout_size=-1), V, "cutout_size must be an int >= 0"),
       (dict(cutout_size=2.5), T, "cutout_size must be an int >= 0"),
       (dict(cutout_size=9), V, "cutout_size must be at most min"),
-      (dict(cutout_inside="yes"), V, "cutout_inside must be a bool")):
+      (dict(cutout_inside="yes"), T, "cutout_inside must be a bool")):
     with pytest.raises(error, match=match):
       aj.augment_views(key, x, augment="crop_flip_cutout", **opts)
   with pytest.raises(ValueError, match="reflect"):

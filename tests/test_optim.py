@@ -220,11 +220,18 @@ def test_freeze_after_epochs(name):
     (dict(freeze_after_epochs=3), "must map parameter names"),
     (dict(norm_bias_grad_scale=0.0), "norm_bias_grad_scale must be"),
     (dict(norm_bias_grad_scale=float("nan")), "norm_bias_grad_scale must be"),
-    (dict(weight_decay_all="yes"), "weight_decay_all must be a bool"),
 ])
 def test_bad_optimizer_values_are_refused(bad, match):
   with pytest.raises(ValueError, match=match):
     optim.make_optimizer(_opt(**bad), 0.1)
+
+
+@pytest.mark.parametrize("key", ["weight_decay_all", "nesterov"])
+def test_optimizer_switches_must_be_bools(key):
+  with pytest.raises(TypeError, match=f"optimizer.{key} must be a bool"):
+    optim.make_optimizer(_opt(**{key: "yes"}), 0.1)
+  with pytest.raises(TypeError, match="optimizer.lr_batch_scaling must be a"):
+    optim.peak_learning_rate(_opt(lr_batch_scaling=1), 256)
 
 
 def test_freeze_key_naming_no_parameter_is_refused():

@@ -263,6 +263,32 @@ def test_bad_run_settings_are_refused_before_anything_is_written(
   assert not [f for f in (tmp_path / "wd").rglob("*") if f.is_file()]
 
 
+@pytest.mark.parametrize("key,value", [
+    ("eval.tta_flip", "yes"),  # read only after training: checked up front
+    ("eval.tta_translate", 1),
+    ("eval.final", "no"),
+    ("optimizer.nesterov", "False"),  # truthy: would have meant True
+    ("model.classifier", 0),
+    ("data.normalize", None),
+    ("progress_bar", "off"),
+])
+def test_on_off_settings_must_be_bools_before_anything_is_written(
+    tmp_path, key, value):
+  """ConfigDict keeps a default's type, but a config built by hand may not."""
+  c = _small_digits()
+  *parents, leaf = key.split(".")
+  section = c
+  for name in parents:
+    section = section[name]
+  with c.unlocked():
+    if leaf in section:
+      del section[leaf]
+    section[leaf] = value
+  with pytest.raises(TypeError, match=f"^{key} must be a bool, got "):
+    training.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not [f for f in (tmp_path / "wd").rglob("*") if f.is_file()]
+
+
 def test_tune_run_never_loads_the_validation_split(tmp_path, monkeypatch):
   """``data.tune``: train on "tune_train", evaluate on "tune" against it."""
   loaded = []

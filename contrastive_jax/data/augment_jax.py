@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_rotate", "crop_flip_cutout",
@@ -136,8 +137,7 @@ def check_options(augment: str | None = None, *, padding: int = 4,
         f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
   check_int("padding", padding, 0)
   check_int("cutout_size", cutout_size, 0, hint=" (0: min(H, W) // 2)")
-  if not isinstance(cutout_inside, (bool, np.bool_)):
-    raise ValueError(f"cutout_inside must be a bool, got {cutout_inside!r}.")
+  check_bool("cutout_inside", cutout_inside)
   if height is None or width is None:
     return
   side = min(height, width)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import data as cdata
+from contrastive_jax._checks import check_bool
 
 __all__ = ["TrainInput", "make_train_input", "load_eval_split",
            "normalization", "replicate", "run_splits"]
@@ -32,7 +33,7 @@ __all__ = ["TrainInput", "make_train_input", "load_eval_split",
 
 def normalization(config, channels: int):
   """``(mean, std)`` of ``config.dataset`` or ``(None, None)``."""
-  if not config.data.get("normalize", True):
+  if not check_bool("data.normalize", config.data.get("normalize", True)):
     return None, None
   stats = cdata.DATASET_STATS.get(config.dataset)
   if stats is None or len(stats[0]) != channels:
@@ -54,9 +55,7 @@ def _pk(config):
 def run_splits(config) -> tuple[str, str]:
   """``(train split, evaluation split)``: ``("train", "validation")``, or
   with ``data.tune`` the model-selection pair ``("tune_train", "tune")``."""
-  tune = config.data.get("tune", False)
-  if not isinstance(tune, (bool, np.bool_)):
-    raise TypeError(f"data.tune must be a bool, got {tune!r}.")
+  tune = check_bool("data.tune", config.data.get("tune", False))
   query = "tune" if tune else "validation"
   return cdata.REFERENCE_SPLIT[query], query
 
@@ -124,7 +123,7 @@ class TrainInput:
                cutout_inside=dc.get("cutout_inside", False))
     if config.input == "device":
       arrays = self._arrays
-      if dc.get("shard_on_device", False):
+      if check_bool("data.shard_on_device", dc.get("shard_on_device", False)):
         device_data = cdata.put_on_device(arrays.images, arrays.labels,
                                           sharding=self._sharding)
       else:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from contrastive_jax import evaluation
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 from contrastive_jax.training import checkpoint as ckpt_lib
 from contrastive_jax.training import distributed
@@ -63,6 +64,16 @@ _WHITEN_INIT_IMAGES = 1024
 _MAX_STEPS_AHEAD = 4
 
 
+# On/off settings, checked here before anything is written rather than where
+# each is read: some are read only after training (eval.*), and a string such
+# as "False" is truthy.
+_SWITCHES = ("progress_bar", "checkpoint.async_save", "data.normalize",
+             "data.tune", "data.shard_on_device", "data.cutout_inside",
+             "model.classifier", "model.online_probe", "optimizer.nesterov",
+             "optimizer.lr_batch_scaling", "optimizer.weight_decay_all",
+             "eval.final", "eval.tta_flip", "eval.tta_translate")
+
+
 def check_run_config(config) -> None:
   """Refuses run settings that would fail late (after files are written) or
   silently do something else."""
@@ -74,6 +85,13 @@ def check_run_config(config) -> None:
     raise ValueError("Set num_steps or num_epochs: both are 0.")
   check_int("eval_every", config.get("eval_every", 0), 0)
   input_lib.run_splits(config)
+  for key in _SWITCHES:
+    section = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      section = section.get(name) or {}
+    if leaf in section:
+      check_bool(key, section[leaf])
   step_lib.check_loss_config(config.loss)
   optim.check_schedule_config(config.optimizer)
   cc = config.checkpoint
@@ -238,9 +256,10 @@ def evaluate(config, model, state, mesh, *, splits=None,
   if "logits" in va and np.ndim(val_x) == 4:
     # airbench's headline metric: the classifier with test-time
     # augmentation. One more pass over the queries only per kind.
-    flip = bool(ec.get("tta_flip", False))
+    flip = check_bool("eval.tta_flip", ec.get("tta_flip", False))
+    translate = check_bool("eval.tta_translate", ec.get("tta_translate", False))
     ttas = [dict(tta_flip=True, tta_translate=False)] if flip else []
-    if ec.get("tta_translate", False):
+    if translate:
       ttas.append(dict(tta_flip=flip, tta_translate=True))
     for tta in ttas:
       classifier_scores(embed(val_x, keys=("logits",), **tta)["logits"],

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 
 __all__ = ["check_schedule_config", "is_sam", "is_norm_bias", "make_schedule",
@@ -42,7 +43,8 @@ __all__ = ["check_schedule_config", "is_sam", "is_norm_bias", "make_schedule",
 def peak_learning_rate(opt_config, batch_size: int) -> float:
   """``learning_rate``, times ``batch_size / 256`` with ``lr_batch_scaling``."""
   lr = float(opt_config.learning_rate)
-  if opt_config.get("lr_batch_scaling", False):
+  if check_bool("optimizer.lr_batch_scaling",
+                opt_config.get("lr_batch_scaling", False)):
     lr *= batch_size / 256.0  # SimCLR's linear scaling rule.
   return lr
 
@@ -238,10 +240,8 @@ def make_optimizer(opt_config, schedule, *, steps_per_epoch: int = 1
   name = opt_config.name
   wd = float(opt_config.get("weight_decay", 0.0))
   momentum = float(opt_config.get("momentum", 0.9))
-  decay_all = opt_config.get("weight_decay_all", False)
-  if not isinstance(decay_all, bool):
-    raise ValueError(
-        f"optimizer.weight_decay_all must be a bool, got {decay_all!r}.")
+  decay_all = check_bool("optimizer.weight_decay_all",
+                         opt_config.get("weight_decay_all", False))
   mask = _decay_all if decay_all else _decay_mask
   bias_scale = opt_config.get("norm_bias_grad_scale", 1.0)
   if isinstance(bias_scale, bool) or not isinstance(bias_scale, (int, float)) or (
@@ -254,7 +254,8 @@ def make_optimizer(opt_config, schedule, *, steps_per_epoch: int = 1
     tx = optax.chain(
         optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
         optax.sgd(schedule, momentum=momentum or None,
-                  nesterov=bool(opt_config.get("nesterov", False))))
+                  nesterov=check_bool(
+                      "optimizer.nesterov", opt_config.get("nesterov", False))))
   elif name == "lars":
     tx = optax.lars(schedule, weight_decay=wd, weight_decay_mask=mask,
                     trust_ratio_mask=_decay_mask, momentum=momentum)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from contrastive_jax import losses
 from contrastive_jax import models
+from contrastive_jax._checks import check_bool
 
 __all__ = [
     "BACKBONES",
@@ -184,12 +185,14 @@ def build_model(model_config, *, num_classes: int,
         num_layers=mc.projection_layers, axis_name=axis_name, dtype=dtype)
   classifier = (models.ClassifierHead(
       num_classes, dtype=dtype, **_plain(mc.get("classifier_kwargs", {}) or {}))
-                if mc.get("classifier", False) else None)
+                if check_bool("model.classifier", mc.get("classifier", False))
+                else None)
   hash_head = (models.HashHead(mc.hash_bits, dtype=dtype)
                if mc.get("hash_bits", 0) else None)
   # The probe stays float32: it is a small linear layer read for accuracy.
   probe = (models.ClassifierHead(num_classes)
-           if mc.get("online_probe", False) else None)
+           if check_bool("model.online_probe", mc.get("online_probe", False))
+           else None)
   return ContrastiveModel(backbone=backbone, projection=projection,
                           classifier=classifier, hash_head=hash_head,
                           probe=probe)
