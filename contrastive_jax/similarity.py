@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax._checks import check_bool
+
 __all__ = [
     "euclidean_distance",
     "cosine_similarity",
@@ -129,6 +131,7 @@ def euclidean_distance(x: jax.Array, y: jax.Array, *,
   References:
     scipy.spatial.distance.euclidean.
   """
+  check_bool("squared", squared)
   x, y = _prepare_pair(x, y, pairwise=False)
   sq = jnp.sum(jnp.square(x - y), axis=-1)
   return sq if squared else safe_sqrt(sq)
@@ -256,6 +259,7 @@ def pairwise_euclidean_distance(x: jax.Array, y: jax.Array | None = None, *,
   References:
     scipy.spatial.distance.cdist(metric="euclidean").
   """
+  check_bool("squared", squared)
   same = y is None
   x, y = _prepare_pair(x, y, pairwise=True)
   sq = sq_euclidean_matrix(

@@ -2,9 +2,13 @@
 
 import inspect
 
+import jax
+import numpy as np
 import pytest
 
 import contrastive_jax
+from contrastive_jax import data
+from contrastive_jax import evaluation
 from contrastive_jax import losses
 from contrastive_jax import similarity
 
@@ -80,6 +84,94 @@ def test_docstring_examples_run(module_name):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+_IMAGES = np.zeros((2, 8, 8, 3), np.uint8)
+_EMB = np.random.RandomState(0).randn(6, 4).astype(np.float32)
+_LAB = np.array([0, 0, 1, 1, 2, 2])
+
+
+def _device_data():
+  return data.put_on_device(_IMAGES, np.array([0, 1]))
+
+
+# Every on/off option of the public functions, called with a string: each must
+# be a TypeError naming it ("False" is truthy, so it cannot be coerced).
+_BOOL_CALLS = {
+    ("similarity", "euclidean_distance", "squared"):
+        lambda v: similarity.euclidean_distance(_EMB, _EMB, squared=v),
+    ("similarity", "pairwise_euclidean_distance", "squared"):
+        lambda v: similarity.pairwise_euclidean_distance(_EMB, squared=v),
+    ("losses", "info_nce_loss", "symmetric"):
+        lambda v: losses.info_nce_loss(_EMB, _EMB, symmetric=v),
+    ("evaluation", "knn_class_scores", "exclude_self"):
+        lambda v: evaluation.knn_class_scores(_EMB, _EMB, _LAB, k=1,
+                                              exclude_self=v),
+    ("evaluation", "knn_classify", "exclude_self"):
+        lambda v: evaluation.knn_classify(_EMB, _EMB, _LAB, k=1,
+                                          exclude_self=v),
+    ("evaluation", "knn_accuracy", "exclude_self"):
+        lambda v: evaluation.knn_accuracy(_EMB, _LAB, _EMB, _LAB, ks=(1,),
+                                          exclude_self=v),
+    ("evaluation", "retrieval_metrics", "ref_includes_query"):
+        lambda v: evaluation.retrieval_metrics(_EMB, _LAB, ref_includes_query=v),
+    ("evaluation", "retrieval_metrics", "cluster"):
+        lambda v: evaluation.retrieval_metrics(_EMB, _LAB, cluster=v),
+    ("evaluation", "bit_balance", "per_bit"):
+        lambda v: evaluation.bit_balance(np.sign(_EMB), per_bit=v),
+    ("evaluation", "plot_confusion_matrix", "normalize"):
+        lambda v: evaluation.plot_confusion_matrix(
+            np.eye(2), "unused.png", class_names=["a", "b"], normalize=v),
+    ("data", "apply_augment", "cutout_inside"):
+        lambda v: data.apply_augment(
+            _IMAGES, np.zeros((2, 1, 5)),
+            augment="crop_flip_cutout", cutout_inside=v),
+    ("data", "augment_views", "cutout_inside"):
+        lambda v: data.augment_views(jax.random.key(0), _IMAGES,
+                                     augment="crop_flip_cutout", cutout_inside=v),
+    ("data", "crop_flip_cutout", "cutout_inside"):
+        lambda v: data.crop_flip_cutout(jax.random.key(0), _IMAGES,
+                                        cutout_inside=v),
+    ("data", "device_batches", "cutout_inside"):
+        lambda v: next(data.device_batches(
+            _device_data(), key=jax.random.key(0), batch_size=2,
+            augment="crop_flip_cutout", cutout_inside=v)),
+    ("data", "make_batch", "cutout_inside"):
+        lambda v: data.make_batch(jax.random.key(0), _device_data(),
+                                  np.array([0, 1]), 0,
+                                  augment="crop_flip_cutout", cutout_inside=v),
+    ("data", "sample_batch", "cutout_inside"):
+        lambda v: data.sample_batch(jax.random.key(0), _device_data(), 0,
+                                    batch_size=2, augment="crop_flip_cutout",
+                                    cutout_inside=v),
+    ("data", "load_split_arrays", "download"):
+        lambda v: data.load_split_arrays("digits", "train", download=v),
+    ("data", "load_device_data", "download"):
+        lambda v: data.load_device_data("digits", "train", download=v),
+}
+for _flag in ("train", "cutout_inside", "normalize", "cache", "download"):
+  _BOOL_CALLS[("data", "build_tf_dataset", _flag)] = (
+      lambda v, f=_flag: data.build_tf_dataset(
+          "digits", "train", global_batch_size=8, **{f: v}))
+
+
+def test_every_on_off_option_is_in_the_bool_table():
+  """A new bool option must join ``_BOOL_CALLS`` (and so be checked)."""
+  found = set()
+  for module in (similarity, losses, evaluation, data):
+    short = module.__name__.rsplit(".", 1)[-1]
+    for name, fn in _public_functions(module):
+      for p in inspect.signature(fn).parameters.values():
+        if "bool" in str(p.annotation) or isinstance(p.default, bool):
+          found.add((short, name, p.name))
+  assert found == set(_BOOL_CALLS), found ^ set(_BOOL_CALLS)
+
+
+@pytest.mark.parametrize("entry", sorted(_BOOL_CALLS), ids="-".join)
+def test_on_off_options_refuse_non_bools(entry):
+  call = _BOOL_CALLS[entry]
+  with pytest.raises(TypeError, match=rf"^{entry[2]} must be a bool, got 'no'"):
+    call("no")
 
 
 MODEL_MODULES = ("autoencoder", "cnn", "conv", "heads", "mlp", "norm", "resnet")

@@ -51,6 +51,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 from contrastive_jax.data import augment_jax
 from contrastive_jax.data import on_device
@@ -190,7 +191,7 @@ def build_tf_dataset(
                   cutout_size=cutout_size, cutout_inside=cutout_inside)
   augment_jax.check_options(augment, **aug_opts)  # the values, before reading
   train = (split in ("train", "train_full", "tune_train") if train is None
-           else bool(train))
+           else check_bool("train", train))
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -200,6 +201,9 @@ def build_tf_dataset(
   local_batch = check_batch_size(global_batch_size, num_devices=num_devices,
                                  process_count=process_count)
   check_int("start_step", start_step, 0)
+  for flag, value in (("normalize", normalize), ("cache", cache),
+                      ("download", download)):
+    check_bool(flag, value)
   if normalize and (mean is None or std is None):
     mean, std = sources.dataset_stats(name)  # fail before reading any data
   balanced = classes_per_batch is not None or examples_per_class is not None

@@ -53,6 +53,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from contrastive_jax._checks import check_bool
+
 SPLITS = ("train", "validation", "test", "train_full", "tune", "tune_train")
 # The split a model evaluated on each query split trains on (and kNN searches).
 REFERENCE_SPLIT = {"validation": "train", "test": "train", "tune": "tune_train"}
@@ -603,6 +605,7 @@ def load_split_arrays(name: str, split: str, *,
     DatasetUnavailableError: the data is not local and cannot be downloaded.
   """
   check_split(split)
+  check_bool("download", download)
   frac = (default_validation_fraction(name) if validation_fraction is None
           else validation_fraction)
   source = resolve_source(name, data_dir=data_dir)

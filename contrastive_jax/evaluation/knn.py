@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax import similarity
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 from contrastive_jax.evaluation.metrics import check_class_range
 from contrastive_jax.evaluation.metrics import check_embeddings
@@ -86,6 +87,7 @@ def _check_temperature(temperature) -> float:
 
 def _prepare(query, reference, reference_labels, k_max, num_classes,
              chunk_size, exclude_self=False):
+  check_bool("exclude_self", exclude_self)
   query, reference = prepare_query_reference(query, reference)
   reference_labels = check_labels("reference_labels", reference_labels,
                                   reference.shape[0])

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from contrastive_jax._checks import check_bool
 from contrastive_jax.evaluation.metrics import check_embeddings
 from contrastive_jax.evaluation.metrics import check_labels
 
@@ -211,6 +212,7 @@ def plot_confusion_matrix(
   Returns:
     ``path``.
   """
+  check_bool("normalize", normalize)
   cm = np.asarray(cm)
   class_names = [str(c) for c in class_names]
   if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax import similarity
+from contrastive_jax._checks import check_bool
 from contrastive_jax._checks import check_int
 from contrastive_jax.evaluation.knn import iter_chunks
 from contrastive_jax.evaluation.knn import prepare_query_reference
@@ -153,6 +154,8 @@ def retrieval_metrics(
   recall_ks = tuple(check_int("recall_ks entry", kk)
                     for kk in recall_ks)
   chunk_size = check_int("chunk_size", chunk_size)
+  check_bool("ref_includes_query", ref_includes_query)
+  check_bool("cluster", cluster)
   query = check_embeddings("embeddings", embeddings)
   query_labels = check_labels("labels", labels, query.shape[0], integer=False)
   if (reference_embeddings is None) != (reference_labels is None):
@@ -383,6 +386,7 @@ def bit_balance(codes: Any, *, per_bit: bool = False) -> float | np.ndarray:
     Weiss, Torralba and Fergus, Spectral Hashing, NIPS 2008 (the bit-balance
     criterion).
   """
+  check_bool("per_bit", per_bit)
   codes = _check_codes("codes", codes)
   fraction = np.mean(codes > 0, axis=0, dtype=np.float64)
   if per_bit:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from contrastive_jax import similarity as sim
+from contrastive_jax._checks import check_bool
 from contrastive_jax.losses import _collective as col
 from contrastive_jax.losses import _common
 from contrastive_jax.losses import _rowblock
@@ -347,6 +348,7 @@ def info_nce_loss(queries: jax.Array, keys: jax.Array, *,
   """
   _common.check_block_size(block_size)
   _common.check_scalars(temperature=temperature)
+  check_bool("symmetric", symmetric)
   queries, keys = _common.prepare_pair(queries, keys)
   if negatives is not None:
     sim.check_matrix("negatives", negatives)
