@@ -12,6 +12,7 @@ upstream). A wrong type is a ``TypeError``, a value below the minimum a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -51,3 +52,14 @@ def check_bool(name: str, value: Any) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a bool, got {value!r}.")
   return bool(value)
+
+
+def check_module_bools(module: Any, **call_args: Any) -> None:
+  """``check_bool`` on every ``bool`` field of a (flax) dataclass ``module``,
+  named ``Class.field``, and on the given call arguments (e.g. ``train``)."""
+  for field in dataclasses.fields(module):
+    if field.type in (bool, "bool"):
+      check_bool(f"{type(module).__name__}.{field.name}",
+                 getattr(module, field.name))
+  for name, value in call_args.items():
+    check_bool(name, value)

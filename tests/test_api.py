@@ -174,6 +174,53 @@ def test_on_off_options_refuse_non_bools(entry):
     call("no")
 
 
+# Constructor arguments and a sample input for each public flax module.
+_MODULE_CALLS = {
+    "MLP": ({}, (2, 6)), "SmallCNN": ({}, (2, 8, 8, 3)),
+    "FastCNN": ({}, (2, 8, 8, 3)), "ResNet": ({}, (2, 8, 8, 3)),
+    "ResNet18": ({}, (2, 8, 8, 3)), "ResNet34": ({}, (2, 8, 8, 3)),
+    "ResNet50": ({}, (2, 8, 8, 3)), "BasicBlock": ({"features": 4}, (2, 4, 4, 4)),
+    "Bottleneck": ({"features": 4}, (2, 4, 4, 16)), "BatchNormAct": ({}, (2, 4)),
+    "ConvAutoencoder": ({}, (2, 8, 8, 1)), "ProjectionHead": ({}, (2, 6)),
+    "ClassifierHead": ({"num_classes": 3}, (2, 6)), "HashHead": ({}, (2, 6)),
+}
+
+
+def _module_bools():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import models  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in models.__all__:
+    cls = getattr(models, name)
+    if inspect.isclass(cls) and issubclass(cls, nn.Module):
+      out += [(name, f.name) for f in dataclasses.fields(cls)
+              if f.type in (bool, "bool")]
+      if "train" in inspect.signature(cls.__call__).parameters:
+        out.append((name, "train"))
+  return out
+
+
+def test_every_module_is_in_the_module_table():
+  """Each public module has a bool field or ``train``, so each is covered."""
+  assert {name for name, _ in _module_bools()} == set(_MODULE_CALLS)
+
+
+@pytest.mark.parametrize("entry", _module_bools(), ids="-".join)
+def test_module_on_off_fields_and_train_refuse_non_bools(entry):
+  from contrastive_jax import models  # pylint: disable=g-import-not-at-top
+  name, option = entry
+  kwargs, shape = _MODULE_CALLS[name]
+  x = np.zeros(shape, np.float32)
+  if option == "train":
+    module, call, match = getattr(models, name)(**kwargs), {"train": "no"}, "train"
+  else:
+    module = getattr(models, name)(**kwargs, **{option: "no"})
+    call, match = {}, f"{name}.{option}"
+  with pytest.raises(TypeError, match=rf"^{match} must be a bool, got 'no'"):
+    module.init(jax.random.key(0), x, **call)
+
+
 MODEL_MODULES = ("autoencoder", "cnn", "conv", "heads", "mlp", "norm", "resnet")
 
 

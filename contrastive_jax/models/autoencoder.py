@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax._checks import check_module_bools
+
 __all__ = ["ConvAutoencoder", "reconstruction_loss"]
 
 Dtype = Any
@@ -97,6 +99,7 @@ class ConvAutoencoder(nn.Module):
         return x
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        check_module_bools(self, train=train)
         # No BatchNorm or dropout; `train` only keeps the call signature uniform.
         del train
         z = self.encode(x)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax._checks import check_module_bools
 from contrastive_jax.models.conv import select_conv
 
 __all__ = ["FastCNN", "SmallCNN", "check_image_batch", "patch_whitening_kernel",
@@ -55,6 +56,7 @@ class SmallCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         # No BatchNorm here; `train` only keeps the call signature uniform.
         del train
         check_image_batch("SmallCNN", x)
@@ -251,6 +253,7 @@ class FastCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         check_image_batch("FastCNN", x)
         if self.convs_per_group not in (2, 3):
             raise ValueError(f"convs_per_group must be 2 or 3, got {self.convs_per_group}.")

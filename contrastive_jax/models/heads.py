@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax._checks import check_int
+from contrastive_jax._checks import check_module_bools
 from contrastive_jax.models.cnn import torch_uniform_init
 
 Dtype = Any
@@ -58,6 +59,7 @@ class ProjectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         check_int("num_layers", self.num_layers, 1)
         _check_features("ProjectionHead", x)
         x = jnp.asarray(x, self.dtype)
@@ -104,6 +106,7 @@ class ClassifierHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         # No train-dependent behaviour; the argument keeps call sites uniform.
         del train
         _check_features("ClassifierHead", x)
@@ -150,6 +153,7 @@ class HashHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, scale: float | jax.Array = 1.0,
                  train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         _check_features("HashHead", x)
         z = nn.Dense(self.num_bits, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="codes")(jnp.asarray(x, self.dtype))

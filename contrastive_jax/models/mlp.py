@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax._checks import check_module_bools
+
 __all__ = ["MLP"]
 
 Dtype = Any
@@ -48,6 +50,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         # `train` is accepted (and unused) so the training loop can call every
         # encoder in this package the same way.
         del train

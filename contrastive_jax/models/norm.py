@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes
 from jax import lax
 
+from contrastive_jax._checks import check_module_bools
 from contrastive_jax.models._varying import varying_axes
 
 __all__ = ["BACKWARDS", "BatchNormAct", "batch_norm_act"]
@@ -149,6 +150,7 @@ class BatchNormAct(nn.BatchNorm):
   @nn.compact
   def __call__(self, x: jax.Array,
                residual: jax.Array | None = None) -> jax.Array:
+    check_module_bools(self)
     # ``use_running_average`` is an attribute only: under ``nn.remat`` a call
     # argument would be traced, and BatchNorm branches on it in Python.
     if residual is not None and residual.shape != x.shape:

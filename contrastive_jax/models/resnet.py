@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax._checks import check_module_bools
 from contrastive_jax.models.cnn import check_image_batch
 from contrastive_jax.models.cnn import torch_uniform_init
 from contrastive_jax.models.conv import select_conv
@@ -84,6 +85,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         conv = _conv(self)
         norm = _norm(train, self)
         s = (self.strides, self.strides)
@@ -129,6 +131,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         conv = _conv(self)
         norm = _norm(train, self)
         out = self.features * self.expansion
@@ -206,6 +209,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_module_bools(self, train=train)
         check_image_batch("ResNet", x)
         x = jnp.asarray(x, self.dtype)
         conv = _conv(self)
