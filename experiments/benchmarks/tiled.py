@@ -1,8 +1,12 @@
 """Memory and time of a loss's value + gradient: untiled vs tiled.
 
 ``--loss=nt_xent`` (the default): float32, D = 128, SimCLR labels,
-temperature 0.1. ``--loss=sigmoid``: SigLIP's loss (scale 10, bias -10)
-of ``batch`` queries against ``batch`` keys, gradients to both.
+temperature 0.1. ``--loss=supcon``: ``supervised_contrastive_loss`` with
+``--classes`` classes (default 100, so each anchor has about ``batch / 100``
+positives), temperature 0.1. ``--loss=info_nce``: ``info_nce_loss`` of
+``batch`` queries against ``batch`` keys, symmetric (CLIP), gradients to both.
+``--loss=sigmoid``: SigLIP's loss (scale 10, bias -10) of ``batch`` queries
+against ``batch`` keys, gradients to both.
 
 Every configuration (batch, ``block_size`` or untiled) runs in a fresh
 subprocess whose address space is capped at ``--mem-gb`` (``RLIMIT_AS`` + a
@@ -24,6 +28,7 @@ Run from the repository root:
   python -m experiments.benchmarks.tiled                       # ~25 minutes
   python -m experiments.benchmarks.tiled --batches 4096,16384  # ~3 minutes
   python -m experiments.benchmarks.tiled --loss=sigmoid --batches 4096,16384
+  python -m experiments.benchmarks.tiled --loss=supcon --batches 4096,16384
 """
 
 from __future__ import annotations
@@ -48,11 +53,22 @@ def worker(spec: dict) -> None:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, spec["dim"]), dtype=np.float32))
   t = spec["temperature"]
-  if spec.get("loss", "nt_xent") == "sigmoid":
+  loss = spec.get("loss", "nt_xent")
+  if loss in ("sigmoid", "info_nce"):
     second = jnp.asarray(  # the keys
         rng.standard_normal((batch, spec["dim"]), dtype=np.float32))
-    fn = jax.value_and_grad(lambda q, k: losses.sigmoid_contrastive_loss(
-        q, k, block_size=block), argnums=(0, 1))
+    if loss == "sigmoid":
+      pair_loss = lambda q, k: losses.sigmoid_contrastive_loss(
+          q, k, block_size=block)
+    else:
+      pair_loss = lambda q, k: losses.info_nce_loss(
+          q, k, temperature=t, symmetric=True, block_size=block)
+    fn = jax.value_and_grad(pair_loss, argnums=(0, 1))
+  elif loss == "supcon":
+    second = jnp.asarray(  # a shuffled, balanced labelling
+        rng.permutation(np.arange(batch) % spec["classes"]), jnp.int32)
+    fn = jax.value_and_grad(lambda e, l: losses.supervised_contrastive_loss(
+        e, l, temperature=t, block_size=block))
   else:
     second = jnp.asarray(  # SimCLR's labels
         np.concatenate([np.arange(batch // 2)] * 2), jnp.int32)
@@ -81,7 +97,7 @@ def run(batch: int, block: int | None, args) -> dict:
   label = "untiled" if block is None else f"block_size={block}"
   print(f"  batch {batch}, {label} ...", file=sys.stderr, flush=True)
   spec = {"loss": args.loss, "batch": batch, "block_size": block,
-          "dim": args.dim, "temperature": args.temperature,
+          "classes": args.classes, "dim": args.dim, "temperature": args.temperature,
           "repeats": args.repeats, "budget_s": args.budget}
   result = _util.run_worker(MODULE, spec, mem_gb=args.mem_gb,
                             timeout_s=args.timeout, idle_s=args.idle)
@@ -96,8 +112,10 @@ def main(argv=None) -> None:
   if _util.run_as_worker(argv, worker):
     return
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--loss", choices=("nt_xent", "sigmoid"),
-                      default="nt_xent")
+  parser.add_argument("--loss", choices=("nt_xent", "supcon", "info_nce",
+                                         "sigmoid"), default="nt_xent")
+  parser.add_argument("--classes", type=int, default=100,
+                      help="--loss=supcon: number of classes")
   parser.add_argument("--batches", default="4096,16384,65536,131072")
   parser.add_argument("--block-sizes", default="512,1024")
   parser.add_argument("--sweep-max-batch", type=int, default=16384)
@@ -189,7 +207,8 @@ def main(argv=None) -> None:
                      f" {spread:.1e} (relative)")
   print()
   print(_util.machine_description())
-  print(f"loss: {args.loss}")
+  print(f"loss: {args.loss}"
+        + (f", {args.classes} classes" if args.loss == "supcon" else ""))
   print()
   print(_util.markdown_table(headers, rows))
   print()
