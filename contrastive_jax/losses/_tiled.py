@@ -9,8 +9,11 @@ where ``s = a @ c.T`` (normalised embeddings, temperature folded into ``a``;
 for the sigmoid loss ``a = [scale * q, bias]`` and ``c = [k, 1]``) and
 ``L_a`` is a masked log-sum-exp of row ``a``. The forward pass streams
 over blocks of candidates twice: an online log-sum-exp for ``L``, then the
-``phi`` sum together with ``W_a = h'(L_a) + sum_j dphi/dL_a``. The backward
-pass recomputes each block and applies
+``phi`` sum together with ``W_a = h'(L_a) + sum_j dphi/dL_a``. Where ``phi``
+is a per-row count times a per-row sum of ``s`` and does not involve ``L``
+(SupCon, InfoNCE: ``_Spec.row_sums``), that sum rides along in the first
+pass and the second is skipped. The backward pass recomputes each block and
+applies
 
     dtotal/ds_aj = dphi/ds_aj + W_a * softmax_weight_aj,
 
@@ -54,6 +57,12 @@ class _Spec(NamedTuple):
   phi: Callable       # (s, L, rows, cols, aux) -> scalar, sum over the block
   h: Callable         # (L, aux) -> scalar
   aux: Callable       # (rows, cols) -> [n] additive per-row count
+  # Optional one-pass form of a phi that is independent of L and linear in
+  # per-row sums of s: phi(s, L, rows, cols, aux) == phi_of_rows(
+  # row_sums(s, rows, cols), aux), so the forward pass can accumulate the
+  # row sums beside the log-sum-exp instead of streaming a second time.
+  row_sums: Callable | None = None    # (s, rows, cols) -> [n]
+  phi_of_rows: Callable | None = None  # ([n] sums, aux) -> scalar
 
 
 def _pad_blocks(c, cols: _Cols, block_size: int):
@@ -110,8 +119,10 @@ def _fold(body, init, c, cols: _Cols, block_size: int, ring_axis):
 
 def _forward(spec: _Spec, block_size: int, ring_axis, a, c, rows: _Rows,
              cols: _Cols):
+  one_pass = spec.row_sums is not None
+
   def lse_step(carry, c_b, cols_b):
-    m, l, aux = carry
+    m, l, aux, r = carry
     s = a @ c_b.T
     mask = spec.lse_mask(rows, cols_b)
     m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
@@ -119,15 +130,21 @@ def _forward(spec: _Spec, block_size: int, ring_axis, a, c, rows: _Rows,
     l = l * jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe) + jnp.sum(
         jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - m_safe[:, None]),
                   0.0), axis=1)
-    return m_new, l, aux + spec.aux(rows, cols_b)
+    if one_pass:
+      r = r + spec.row_sums(s, rows, cols_b)
+    return m_new, l, aux + spec.aux(rows, cols_b), r
 
   # *_like(a) keeps a's device-varying type inside shard_map, which scan
   # requires of its carry.
   row = a[:, 0]
   init = (jnp.full_like(row, -jnp.inf), jnp.zeros_like(row),
-          jnp.zeros_like(row, dtype=jnp.int32))
-  m, l, aux = _fold(lse_step, init, c, cols, block_size, ring_axis)
+          jnp.zeros_like(row, dtype=jnp.int32), jnp.zeros_like(row))
+  m, l, aux, r = _fold(lse_step, init, c, cols, block_size, ring_axis)
   L = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  if one_pass:
+    h_value, dh_dl = jax.value_and_grad(spec.h)(L, aux)
+    total = h_value + spec.phi_of_rows(r, aux)
+    return total, aux, (L, jnp.where(jnp.isfinite(L), dh_dl, 0.0))
 
   phi_and_grad = jax.value_and_grad(spec.phi, argnums=1)
 
@@ -237,17 +254,25 @@ def _not_self(rows, cols):
   return ~_is_self(rows, cols) & cols.valid[None, :]
 
 
+def _supcon_rows(s, rows, cols):
+  return jnp.sum(jnp.where(_positive(rows, cols), s, 0.0), axis=1)
+
+
+def _supcon_of_rows(r, aux):
+  return -jnp.sum(r / jnp.maximum(aux, 1).astype(r.dtype))
+
+
 def _supcon_phi(s, L, rows, cols, aux):
   del L
-  scale = 1.0 / jnp.maximum(aux, 1).astype(s.dtype)
-  return -jnp.sum(jnp.where(_positive(rows, cols), s, 0.0) * scale[:, None])
+  return _supcon_of_rows(_supcon_rows(s, rows, cols), aux)
 
 
 def _supcon_h(L, aux):
   return jnp.sum(jnp.where(aux > 0, L, 0.0))
 
 
-_SUPCON = _Spec(_not_self, _supcon_phi, _supcon_h, _count_positives)
+_SUPCON = _Spec(_not_self, _supcon_phi, _supcon_h, _count_positives,
+                _supcon_rows, _supcon_of_rows)
 
 
 def _valid(rows, cols):
@@ -255,9 +280,18 @@ def _valid(rows, cols):
                           (rows.index.shape[0], cols.valid.shape[0]))
 
 
+def _info_nce_rows(s, rows, cols):
+  return jnp.sum(jnp.where(_is_self(rows, cols), s, 0.0), axis=1)
+
+
+def _info_nce_of_rows(r, aux):
+  del aux
+  return -jnp.sum(r)
+
+
 def _info_nce_phi(s, L, rows, cols, aux):
-  del L, aux
-  return -jnp.sum(jnp.where(_is_self(rows, cols), s, 0.0))
+  del L
+  return _info_nce_of_rows(_info_nce_rows(s, rows, cols), aux)
 
 
 def _info_nce_h(L, aux):
@@ -270,7 +304,8 @@ def _no_aux(rows, cols):
   return jnp.zeros(rows.index.shape, jnp.int32)
 
 
-_INFO_NCE = _Spec(_valid, _info_nce_phi, _info_nce_h, _no_aux)
+_INFO_NCE = _Spec(_valid, _info_nce_phi, _info_nce_h, _no_aux,
+                  _info_nce_rows, _info_nce_of_rows)
 
 
 def _no_softmax(rows, cols):
