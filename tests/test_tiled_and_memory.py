@@ -113,6 +113,25 @@ def test_tiled_sigmoid_gradients_are_numerically_right():
         order=1, modes=["rev"])
 
 
+def test_forward_streams_the_blocks_once_where_phi_allows():
+  """SupCon and InfoNCE need one pass over the candidate blocks forward
+  (``_Spec.row_sums``), NT-Xent and the sigmoid loss two; the backward pass
+  adds one."""
+  x = jnp.ones((16, 4))
+  labels = jnp.arange(16) % 3
+  passes = {
+      "supcon": (1, lambda x: losses.supervised_contrastive_loss(
+          x, labels, block_size=8)),
+      "info_nce": (1, lambda x: losses.info_nce_loss(x, x, block_size=8)),
+      "nt_xent": (2, lambda x: losses.nt_xent_loss(x, labels, block_size=8)),
+      "sigmoid": (2, lambda x: losses.sigmoid_contrastive_loss(
+          x, x, block_size=8)),
+  }
+  for name, (forward, fn) in passes.items():
+    assert str(jax.make_jaxpr(fn)(x)).count("scan[") == forward, name
+    assert str(jax.make_jaxpr(jax.grad(fn))(x)).count("scan[") == forward + 1, name
+
+
 def test_tiled_never_builds_the_square_matrix():
   x = jnp.ones((512, 16))
   labels = jnp.arange(512) % 7
