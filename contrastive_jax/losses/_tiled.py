@@ -141,21 +141,19 @@ def _forward(spec: _Spec, block_size: int, ring_axis, a, c, rows: _Rows,
           jnp.zeros_like(row, dtype=jnp.int32), jnp.zeros_like(row))
   m, l, aux, r = _fold(lse_step, init, c, cols, block_size, ring_axis)
   L = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  if one_pass:
-    h_value, dh_dl = jax.value_and_grad(spec.h)(L, aux)
-    total = h_value + spec.phi_of_rows(r, aux)
-    return total, aux, (L, jnp.where(jnp.isfinite(L), dh_dl, 0.0))
+  if one_pass:  # phi does not involve L: dphi/dL = 0
+    phi_total, dphi_dl = spec.phi_of_rows(r, aux), jnp.zeros_like(row)
+  else:
+    phi_and_grad = jax.value_and_grad(spec.phi, argnums=1)
 
-  phi_and_grad = jax.value_and_grad(spec.phi, argnums=1)
+    def phi_step(carry, c_b, cols_b):
+      total, dl = carry
+      value, grad_l = phi_and_grad(a @ c_b.T, L, rows, cols_b, aux)
+      return total + value, dl + grad_l
 
-  def phi_step(carry, c_b, cols_b):
-    total, dl = carry
-    value, grad_l = phi_and_grad(a @ c_b.T, L, rows, cols_b, aux)
-    return total + value, dl + grad_l
-
-  phi_total, dphi_dl = _fold(phi_step, (jnp.zeros_like(row[0]),
-                                        jnp.zeros_like(row)),
-                             c, cols, block_size, ring_axis)
+    phi_total, dphi_dl = _fold(phi_step, (jnp.zeros_like(row[0]),
+                                          jnp.zeros_like(row)),
+                               c, cols, block_size, ring_axis)
   h_value, dh_dl = jax.value_and_grad(spec.h)(L, aux)
   total = h_value + phi_total
   w = jnp.where(jnp.isfinite(L), dh_dl + dphi_dl, 0.0)
