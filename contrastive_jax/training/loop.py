@@ -84,7 +84,6 @@ def check_run_config(config) -> None:
   if not config.get("num_steps", 0) and not config.get("num_epochs", 0):
     raise ValueError("Set num_steps or num_epochs: both are 0.")
   check_int("eval_every", config.get("eval_every", 0), 0)
-  input_lib.run_splits(config)
   for key in _SWITCHES:
     section = config
     *parents, leaf = key.split(".")
