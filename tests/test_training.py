@@ -270,6 +270,7 @@ def test_bad_run_settings_are_refused_before_anything_is_written(
     ("optimizer.nesterov", "False"),  # truthy: would have meant True
     ("model.classifier", 0),
     ("data.normalize", None),
+    ("data.tune", 1),
     ("progress_bar", "off"),
 ])
 def test_on_off_settings_must_be_bools_before_anything_is_written(
